@@ -1,0 +1,246 @@
+"""The ``torch.compile`` backend: finds the parameters, inserts the clip, wires the runtime."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .config import ClipConfig
+from .passes import insert_grad_norm_clip
+from .runtime import ClipRuntime, GraphInfo
+
+_graph_ids = itertools.count()
+
+
+def _frame_modules() -> list[torch.nn.Module]:
+    """The modules in the locals of the frame Dynamo is compiling (``self``, or the module a
+    wrapper closes over). Their parameters are what eager ``clip_grad_norm_(model.parameters())``
+    would clip, including those of submodules Dynamo leaves out of the graph."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        f_locals = tx.f_locals
+    except Exception:  # not under Dynamo (a direct call of the backend) or API moved
+        return []
+    mods = []
+    for v in f_locals.values():
+        if isinstance(v, torch._dynamo.eval_frame.OptimizedModule):
+            v = v._orig_mod
+        if isinstance(v, torch.nn.Module):
+            mods.append(v)
+    return mods
+
+
+def _grad_positions(gm: fx.GraphModule, graph_param_idx: dict[int, int]) -> list[tuple[int, int]]:
+    """(backward output position, Dynamo input index) for each parameter's gradient."""
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    outputs = out.args[0]
+    descs = out.meta.get("desc")
+    pairs = []
+    for pos, node in enumerate(outputs):
+        if not isinstance(node, fx.Node):
+            continue
+        if descs is not None:
+            grad_of = getattr(descs[pos], "grad_of", None)
+            idx = getattr(grad_of, "idx", None)
+        else:  # older layouts: one output per flat forward input, in order
+            idx = pos
+        if idx in graph_param_idx:
+            pairs.append((pos, idx))
+    return pairs
+
+
+class _ClippedBackward:
+    """Calls the compiled backward with the runtime inputs the pass added, strips the total
+    norm it returns, and reports both to the runtime."""
+
+    def __init__(self, compiled, runtime: ClipRuntime, graph: GraphInfo, device, grad_params, cudagraphs) -> None:
+        # an instance attribute: AOTAutograd wraps us with functools.wraps, which copies
+        # __dict__ but not class attributes
+        self._boxed_call = True
+        self.compiled = compiled
+        self.runtime = runtime
+        self.graph = graph
+        self.device = device
+        self.grad_params = grad_params  # (output position, param id)
+        self.cudagraphs = cudagraphs
+
+    def __call__(self, args: list[Any]) -> Any:
+        rt = self.runtime
+        clip = rt.begin_backward_graph(self.graph)
+        full = [*args, rt.max_norm_on(self.device), rt.enabled_on(self.device, clip)]
+        args.clear()  # boxed convention: the callee owns the inputs
+        outs = self.compiled(full)
+        outs = list(outs)
+        total = outs.pop()
+        if clip:
+            rt.total_norm = total.clone() if self.cudagraphs else total
+        rt.expect({key: outs[pos] for pos, key in self.grad_params if outs[pos] is not None})
+        return outs
+
+
+class ClipBackend:
+    """A ``torch.compile`` backend that clips gradients by their total norm inside the
+    compiled backward graph, giving the same ``.grad`` as eager ``clip_grad_norm_``.
+
+    Use one object per model. After each ``backward()``, ``total_norm`` is the pre-clip
+    total norm as a 0-d float32 device tensor (no host sync). Where the fused path cannot be
+    exact (graph breaks, several forwards per backward, accumulated ``.grad``, gradients from
+    outside the compiled region), the clip runs over the final ``.grad`` at the end of the
+    backward instead, with a one-time warning.
+    """
+
+    def __init__(self, config: ClipConfig) -> None:
+        self.config = config
+        self._runtime = ClipRuntime(config)
+        self._graphs: list[GraphInfo] = []
+
+    # -- public state ---------------------------------------------------------------------
+    @property
+    def total_norm(self) -> torch.Tensor:
+        """Pre-clip total norm of the last clipped backward (0-d float32, grads' device)."""
+        if self._runtime.total_norm is None:
+            if not self._graphs:
+                raise RuntimeError(
+                    "compileclip: no graph was compiled with this backend, so no gradient "
+                    "was clipped. Either no compiled forward/backward has run yet, or Dynamo "
+                    "ran the whole model eagerly (it skips modules such as nn.LSTM/nn.GRU on "
+                    "some torch versions): check torch._dynamo.explain(model)(inputs)."
+                )
+            raise RuntimeError("compileclip: no backward has been clipped yet")
+        return self._runtime.total_norm
+
+    @property
+    def max_norm(self) -> float | torch.Tensor:
+        return self.config.max_norm
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """How many backwards took each path (fused, probe, deferred, off)."""
+        return dict(self._runtime.mode_counts)
+
+    @contextlib.contextmanager
+    def accumulate(self) -> Iterator[None]:
+        """Backwards inside this block add to ``.grad`` unclipped; the next backward outside
+        it clips the accumulated ``.grad``, as eager ``clip_grad_norm_`` would after the
+        last micro-batch."""
+        prev = self._runtime.accumulating
+        self._runtime.accumulating = True
+        try:
+            yield
+        finally:
+            self._runtime.accumulating = prev
+
+    # -- the backend ----------------------------------------------------------------------
+    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Any:
+        rt = self._runtime
+        param_idx = {
+            i: t for i, t in enumerate(example_inputs)
+            if isinstance(t, torch.nn.Parameter) and t.requires_grad
+        }
+        for mod in _frame_modules():
+            rt.add_params(mod.parameters())
+        rt.add_params(param_idx.values())
+        graph = GraphInfo(next(_graph_ids), list(param_idx.values()))
+        self._graphs.append(graph)
+        if not param_idx:
+            return self._compile(gm, example_inputs, None)
+        compiled = self._compile(gm, example_inputs, functools.partial(self._clip_backward, graph, param_idx))
+
+        def forward(*args):
+            rt.on_forward(graph)
+            return compiled(*args)
+
+        if getattr(compiled, "_boxed_call", False):
+            forward._boxed_call = True
+        return forward
+
+    def _clip_backward(self, graph: GraphInfo, param_idx, gm: fx.GraphModule, example_inputs, **kwargs):
+        """Rewrite a partitioned backward graph; returns (gm, extra inputs, wrap fn)."""
+        positions = _grad_positions(gm, param_idx)
+        insert_grad_norm_clip(
+            gm,
+            [pos for pos, _ in positions],
+            self.config.norm_type,
+            guard_nonfinite=self.config.error_if_nonfinite,
+        )
+        from torch._guards import detect_fake_mode
+
+        fake_mode = detect_fake_mode(example_inputs)
+        out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+        device = out.args[0][-1].meta["val"].device
+        with fake_mode:
+            extra = [
+                torch.empty((), dtype=torch.float32, device=device),
+                torch.empty((), dtype=torch.bool, device=device),
+            ]
+        grad_params = [(pos, id(param_idx[idx])) for pos, idx in positions]
+        cudagraphs = kwargs.get("cudagraphs")
+
+        def wrap(compiled):
+            return _ClippedBackward(
+                compiled, self._runtime, graph, device, grad_params,
+                bool(cudagraphs) if cudagraphs is not None else False,
+            )
+
+        return [*example_inputs, *extra], wrap
+
+    def _compile(self, gm: fx.GraphModule, example_inputs, clip_backward):
+        if self.config.inner == "aot_eager":
+            return self._compile_aot_eager(gm, example_inputs, clip_backward)
+        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+        def inner_compile(g, inputs, **kwargs):
+            if clip_backward is None or not kwargs.get("is_backward", False):
+                return compile_fx_inner(g, inputs, **kwargs)
+            inputs, wrap = clip_backward(g, inputs, **kwargs)
+            return wrap(compile_fx_inner(g, inputs, **kwargs))
+
+        # AOTAutograd's cache does not key on inner_compile: a warm entry from a plain
+        # Inductor compile of the same graph would come back unclipped.
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            return compile_fx(gm, example_inputs, inner_compile=inner_compile)
+
+    def _compile_aot_eager(self, gm, example_inputs, clip_backward):
+        from torch._dynamo.backends.common import aot_autograd
+        from torch._functorch.aot_autograd import make_boxed_func
+
+        def fw(g, inputs):
+            return make_boxed_func(g.forward)
+
+        def bw(g, inputs):
+            if clip_backward is None:
+                return make_boxed_func(g.forward)
+            _, wrap = clip_backward(g, inputs)
+            return wrap(make_boxed_func(g.forward))
+
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            return aot_autograd(fw_compiler=fw, bw_compiler=bw)(gm, example_inputs)
+
+
+def clip_backend(
+    max_norm: float | torch.Tensor,
+    norm_type: float | str = 2.0,
+    error_if_nonfinite: bool = False,
+    *,
+    inner: str = "inductor",
+) -> ClipBackend:
+    """A ``torch.compile`` backend that clips gradients like ``clip_grad_norm_``::
+
+        clip = clip_backend(max_norm=1.0)
+        model = torch.compile(model, backend=clip)
+        loss_fn(model(x), y).backward()   # .grad is clipped
+        clip.total_norm                    # pre-clip norm, device tensor, no sync
+
+    Arguments are validated here, before anything compiles (see ``ClipConfig``).
+    """
+    return ClipBackend(
+        ClipConfig(max_norm=max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite, inner=inner)
+    )

@@ -1,0 +1,277 @@
+"""Run-time state of a clip backend: what each backward did, and the end-of-backward clip.
+
+Every backward that reaches a parameter the backend knows goes through one of four modes:
+
+``fused``     the clip ran inside the single compiled backward graph (fast path);
+``probe``     the graph ran unclipped and the clip runs over the final ``.grad``s when the
+              backward is done, while hooks check that the fused path would have been exact
+              (every gradient came from the one graph, and from nothing else);
+``deferred``  like ``probe`` without the check: a condition of the fused path failed;
+``off``       inside ``accumulate()``: nothing is clipped.
+
+A hook on each known parameter sees the summed incoming gradient before it is accumulated.
+It is the detector for everything the graphs cannot see: a parameter that also received a
+gradient from outside the compiled region, parameters of modules Dynamo did not compile, and
+backwards that did not run a compiled backward graph at all (compiled autograd).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from collections.abc import Iterable
+
+import torch
+
+from .config import ClipConfig
+
+_EPS = 1e-6
+
+
+def _queue_end_of_backward(fn) -> None:
+    torch.autograd.Variable._execution_engine.queue_callback(fn)
+
+
+def total_norm_fp32(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """The ``norm_type``-norm of all ``grads`` together, accumulated in float32 (eager
+    ``clip_grad_norm_``'s structure: per-tensor norms, then the norm of the norms)."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    if not groups:
+        return torch.zeros((), dtype=torch.float32)
+    device = grads[0].device
+    norms = []
+    for (dev, _), gs in groups.items():
+        if dev.type in ("cpu", "cuda", "xpu") and not any(g.is_sparse for g in gs):
+            ns = torch._foreach_norm(gs, norm_type, dtype=torch.float32)
+        else:
+            ns = [torch.linalg.vector_norm(g, norm_type, dtype=torch.float32) for g in gs]
+        norms.extend(n.to(device) for n in ns)
+    return torch.linalg.vector_norm(torch.stack(norms), norm_type)
+
+
+def scale_grads_(grads: list[torch.Tensor], coef: torch.Tensor) -> None:
+    groups: dict[torch.device, list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault(g.device, []).append(g)
+    for dev, gs in groups.items():
+        torch._foreach_mul_(gs, coef.to(dev))
+
+
+def nonfinite_error(norm_type: float) -> RuntimeError:
+    return RuntimeError(
+        f"The total norm of order {norm_type} for gradients from `parameters` is "
+        "non-finite, so it cannot be clipped. To disable this error and scale the "
+        "gradients by the non-finite norm anyway, set `error_if_nonfinite=False`"
+    )
+
+
+class GraphInfo:
+    """One compiled Dynamo graph: the trainable parameters it takes as inputs."""
+
+    def __init__(self, gid: int, params: list[torch.nn.Parameter]) -> None:
+        self.gid = gid
+        self.param_ids = frozenset(id(p) for p in params)
+
+
+class ClipRuntime:
+    def __init__(self, config: ClipConfig) -> None:
+        self.config = config
+        self.params: dict[int, torch.nn.Parameter] = {}  # every parameter the clip covers
+        self._hooks: dict[int, object] = {}
+        self._max_norm: dict[torch.device, torch.Tensor] = {}
+        self._enabled = {}  # (device, bool) -> 0-d bool tensor
+        self.total_norm: torch.Tensor | None = None
+        self.accumulating = False
+        self.fusable: bool | None = None  # None until a probe backward has run
+        self._unfusable_reason = ""
+        self._warned: set[str] = set()
+        self.mode_counts = {"fused": 0, "probe": 0, "deferred": 0, "off": 0}
+        self._reset()
+
+    # -- bookkeeping --------------------------------------------------------------------
+    def _reset(self) -> None:
+        self.pending_forwards = 0
+        self.task_id = None
+        self.mode: str | None = None
+        self.reason: str | None = None
+        self.expected: dict[int, torch.Tensor] = {}
+        self.foreign: list[int] = []
+        self.mixed: list[int] = []
+        self.graphs_run = 0
+
+    def add_params(self, params: Iterable[torch.nn.Parameter]) -> None:
+        for p in params:
+            if not p.requires_grad or id(p) in self.params:
+                continue
+            self.params[id(p)] = p
+            self._hooks[id(p)] = p.register_hook(self._make_hook(id(p)))
+
+    def _make_hook(self, key: int):
+        ref = weakref.ref(self)
+
+        def hook(grad: torch.Tensor) -> None:
+            rt = ref()
+            if rt is not None:
+                rt._on_grad(key, grad)
+
+        return hook
+
+    def warn_once(self, reason: str) -> None:
+        if reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(
+                f"compileclip: the fused clip was not used: {reason}. The gradients are "
+                "clipped over the final .grad at the end of backward instead (same result "
+                "as eager clip_grad_norm_, without the fusion).",
+                stacklevel=3,
+            )
+
+    # -- runtime inputs -----------------------------------------------------------------
+    def max_norm_on(self, device: torch.device) -> torch.Tensor:
+        mn = self.config.max_norm
+        if isinstance(mn, torch.Tensor):
+            if mn.device == device and mn.dtype == torch.float32:
+                return mn
+            return mn.to(device=device, dtype=torch.float32, non_blocking=True)
+        t = self._max_norm.get(device)
+        if t is None:
+            t = self._max_norm[device] = torch.tensor(mn, dtype=torch.float32, device=device)
+        return t
+
+    def enabled_on(self, device: torch.device, flag: bool) -> torch.Tensor:
+        t = self._enabled.get((device, flag))
+        if t is None:
+            t = self._enabled[(device, flag)] = torch.tensor(flag, device=device)
+        return t
+
+    # -- events -------------------------------------------------------------------------
+    def on_forward(self, graph: GraphInfo) -> None:
+        if torch.is_grad_enabled():
+            self.pending_forwards += 1
+
+    def begin_backward_graph(self, graph: GraphInfo) -> bool:
+        """Called as a compiled backward graph starts; returns whether it must clip."""
+        self.graphs_run += 1
+        tid = torch._C._current_graph_task_id()
+        if tid != self.task_id or self.mode is None:
+            self._start_backward(tid, graph)
+        elif self.mode in ("fused", "probe"):
+            # a second compiled graph in a backward whose first graph was judged alone:
+            # only possible if forwards were not seen; never fuse such a backward.
+            raise RuntimeError(
+                "compileclip: a second compiled backward graph ran in a backward that was "
+                "clipped inside the first one; please report this with the model"
+            )
+        return self.mode == "fused"
+
+    def _start_backward(self, tid: int, graph: GraphInfo | None) -> None:
+        self.task_id = tid
+        _queue_end_of_backward(self._end_of_backward)
+        if self.accumulating:
+            self.mode = "off"
+            return
+        reason = self._why_not_fused(graph)
+        if reason is None:
+            self.mode = "fused" if self.fusable else "probe"
+        else:
+            self.mode, self.reason = "deferred", reason
+
+    def _why_not_fused(self, graph: GraphInfo | None) -> str | None:
+        if graph is None:
+            return "a backward reached the parameters without running a compiled backward graph (e.g. compiled autograd, or modules Dynamo did not compile)"
+        if self.pending_forwards != 1:
+            return (
+                f"{self.pending_forwards} compiled forwards ran before this backward "
+                "(a graph break, or the model called more than once per backward)"
+            )
+        if not graph.param_ids.issuperset(self.params):
+            missing = len(set(self.params) - graph.param_ids)
+            return (
+                f"{missing} trainable parameters are outside the compiled graph "
+                "(a module Dynamo did not compile, or a graph break)"
+            )
+        if any(p.grad is not None for p in self.params.values()):
+            return (
+                ".grad already held values before backward (gradient accumulation: use "
+                "`with clip.accumulate():` for all but the last micro-batch)"
+            )
+        if self.fusable is False:
+            return self._unfusable_reason
+        return None
+
+    def expect(self, grads: dict[int, torch.Tensor]) -> None:
+        if self.mode in ("fused", "probe"):
+            self.expected.update(grads)
+
+    def _on_grad(self, key: int, grad: torch.Tensor) -> None:
+        if self.mode is None and not self.accumulating:
+            # a backward that reaches our parameters with no compiled backward graph
+            self._start_backward(torch._C._current_graph_task_id(), None)
+        if self.mode not in ("fused", "probe"):
+            return
+        exp = self.expected.pop(key, None)
+        if exp is None:
+            self.foreign.append(key)
+        elif exp.data_ptr() != grad.data_ptr():
+            self.mixed.append(key)
+
+    def _end_of_backward(self) -> None:
+        mode = self.mode
+        foreign, mixed, reason = self.foreign, self.mixed, self.reason
+        self._reset()
+        if mode is None:
+            return
+        self.mode_counts[mode] += 1
+        if mode == "off":
+            return
+        problem = None
+        if foreign:
+            problem = (
+                f"{len(foreign)} parameters received gradients that no compiled backward "
+                "graph produced (a module Dynamo did not compile, or a parameter used "
+                "outside the compiled region)"
+            )
+        elif mixed:
+            problem = (
+                f"{len(mixed)} parameters also received gradients from outside the compiled "
+                "region (e.g. an eager loss term on the parameters)"
+            )
+        if mode == "fused":
+            if problem is not None:
+                self.fusable, self._unfusable_reason = False, problem
+                raise RuntimeError(
+                    "compileclip: the gradients of this backward are wrong: they were "
+                    f"clipped inside the compiled graph, but {problem}. This only happens "
+                    "when the model's structure changed after the first steps; later "
+                    "backwards use the exact (unfused) path."
+                )
+            if self.config.error_if_nonfinite and not bool(torch.isfinite(self.total_norm)):
+                raise nonfinite_error(self.config.norm_type)
+            return
+        if mode == "probe":
+            if problem is None:
+                self.fusable = True
+            else:
+                self.fusable, self._unfusable_reason = False, problem
+                self.warn_once(problem)
+        else:
+            self.warn_once(reason)
+        self.clip_final_grads()
+
+    def clip_final_grads(self) -> None:
+        """Eager clip_grad_norm_ over the final .grad of every known parameter."""
+        params = [p for p in self.params.values() if p.grad is not None]
+        if not params:
+            self.total_norm = None
+            return
+        grads = [p.grad for p in params]
+        total = total_norm_fp32(grads, self.config.norm_type)
+        self.total_norm = total
+        if self.config.error_if_nonfinite and not bool(torch.isfinite(total)):
+            raise nonfinite_error(self.config.norm_type)
+        max_norm = self.max_norm_on(total.device)
+        coef = torch.clamp(max_norm / (total + _EPS), max=1.0)
+        scale_grads_(grads, coef)

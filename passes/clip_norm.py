@@ -1,0 +1,145 @@
+"""Insert gradient-norm clipping into a partitioned backward graph.
+
+The rewrite mirrors ``torch.nn.utils.clip_grad_norm_``::
+
+    total = ||(||g_1||_p, ..., ||g_n||_p)||_p          # accumulated in float32
+    coef  = clamp(max_norm / (total + 1e-6), max=1)
+    g_i   = g_i * coef
+
+with two runtime inputs added as the last placeholders, so that neither needs a recompile:
+``clip_max_norm`` (0-d float32) and ``clip_enabled`` (0-d bool; when false the coefficient is
+exactly 1 and the gradients pass through bit for bit). The total norm is appended as the last
+graph output. Only aten/prims ops that Inductor lowers are inserted, so the reductions fuse
+into the kernels that produce the gradients and the scale into the kernels that write them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+# eager clip_grad_norm_ adds this to the norm before dividing
+EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipInsertion:
+    """What ``insert_grad_norm_clip`` changed: how many gradients it scales and the names of
+    the placeholders it added (max norm, enabled flag), in the order the caller passes them."""
+
+    num_grads: int
+    placeholders: tuple[str, str]
+
+
+class _Builder:
+    """Appends nodes before the output node, each with ``meta["val"]`` computed under the
+    graph's fake mode (Inductor's lowering reads it)."""
+
+    def __init__(self, gm: fx.GraphModule, fake_mode) -> None:
+        self.graph = gm.graph
+        self.output = self.graph.output_node() if hasattr(self.graph, "output_node") else next(
+            n for n in reversed(self.graph.nodes) if n.op == "output"
+        )
+        self.fake_mode = fake_mode
+
+    def __call__(self, target, *args, **kwargs) -> fx.Node:
+        def val(a):
+            return a.meta["val"] if isinstance(a, fx.Node) else a
+
+        with self.fake_mode:
+            v = target(
+                *[[val(x) for x in a] if isinstance(a, (list, tuple)) else val(a) for a in args],
+                **{k: val(a) for k, a in kwargs.items()},
+            )
+        with self.graph.inserting_before(self.output):
+            node = self.graph.call_function(target, tuple(args), kwargs)
+        node.meta["val"] = v
+        return node
+
+
+def _partial_norm(b: _Builder, g: fx.Node, p: float) -> fx.Node:
+    """sum(|g|^p) (or max |g| for p = inf) of one gradient, in float32."""
+    if g.meta["val"].dtype != torch.float32:
+        g = b(prims.convert_element_type.default, g, torch.float32)
+    if math.isinf(p):
+        return b(aten.amax.default, b(aten.abs.default, g), [])
+    if p == 2.0:
+        return b(aten.sum.default, b(aten.mul.Tensor, g, g))
+    a = b(aten.abs.default, g)
+    return b(aten.sum.default, a if p == 1.0 else b(aten.pow.Tensor_Scalar, a, p))
+
+
+def insert_grad_norm_clip(
+    gm: fx.GraphModule,
+    grad_indices: Sequence[int],
+    norm_type: float,
+    *,
+    guard_nonfinite: bool = False,
+) -> ClipInsertion:
+    """Clip the outputs at ``grad_indices`` of ``gm`` by their joint ``norm_type``-norm.
+
+    ``guard_nonfinite`` leaves the gradients unscaled when the total norm is nan/inf (for
+    ``error_if_nonfinite=True``, where the caller raises afterwards, as eager does before
+    it scales anything). Returns what was inserted; with no gradients it still adds the
+    placeholders and a zero norm so the calling convention does not depend on the graph.
+    """
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    fake_mode = detect_fake_mode([n.meta.get("val") for n in placeholders])
+    if fake_mode is None:
+        raise RuntimeError("insert_grad_norm_clip needs a graph traced with FakeTensor values")
+    b = _Builder(gm, fake_mode)
+    outputs = list(b.output.args[0])
+    grads = [outputs[i] for i in grad_indices]
+    if any(not isinstance(g, fx.Node) for g in grads):
+        raise ValueError(f"grad_indices {list(grad_indices)} select outputs that are not tensors")
+    device = grads[0].meta["val"].device if grads else torch.device("cpu")
+
+    with graph.inserting_after(placeholders[-1]):
+        enabled = graph.placeholder("clip_enabled")
+    with graph.inserting_after(placeholders[-1]):
+        max_norm = graph.placeholder("clip_max_norm")
+    with fake_mode:
+        max_norm.meta["val"] = torch.empty((), dtype=torch.float32, device=device)
+        enabled.meta["val"] = torch.empty((), dtype=torch.bool, device=device)
+
+    p = float(norm_type)
+    if grads:
+        partials = [_partial_norm(b, g, p) for g in grads]
+        # a chain of pointwise ops on 0-d tensors, which Inductor fuses into one kernel
+        # (aten.stack has no lowering, only a decomposition)
+        combine = aten.maximum.default if math.isinf(p) else aten.add.Tensor
+        total = partials[0]
+        for part in partials[1:]:
+            total = b(combine, total, part)
+        if not math.isinf(p):
+            if p == 2.0:
+                total = b(aten.sqrt.default, total)
+            elif p != 1.0:
+                total = b(aten.pow.Tensor_Scalar, total, 1.0 / p)
+        coef = b(aten.div.Tensor, max_norm, b(aten.add.Tensor, total, EPS))
+        coef = b(aten.clamp_max.default, coef, 1.0)
+        one = b(aten.full.default, [], 1.0, dtype=torch.float32, device=device, pin_memory=False)
+        if guard_nonfinite:
+            coef = b(aten.where.self, b(aten.isfinite.default, total), coef, one)
+        coef = b(aten.where.self, enabled, coef, one)
+        for i, g in zip(grad_indices, grads):
+            outputs[i] = b(aten.mul.Tensor, g, coef)
+    else:
+        total = b(aten.full.default, [], 0.0, dtype=torch.float32, device=device, pin_memory=False)
+
+    b.output.args = (tuple(outputs) + (total,),)
+    desc = b.output.meta.get("desc")
+    if isinstance(desc, (list, tuple)):
+        b.output.meta["desc"] = [*desc, None]
+    graph.lint()
+    gm.recompile()
+    return ClipInsertion(len(grads), (max_norm.name, enabled.name))
