@@ -27,6 +27,26 @@ import torch
 from .config import ClipConfig
 
 _EPS = 1e-6
+_ACCUMULATED = (
+    ".grad already held values before backward (gradient accumulation: use "
+    "`with clip.accumulate():` for all but the last micro-batch)"
+)
+
+
+def compiled_autograd_active() -> bool:
+    ca = torch._dynamo.compiled_autograd
+    return bool(
+        getattr(ca, "in_compiled_autograd_region", False)
+        or getattr(ca, "compiled_autograd_enabled", False)
+        or getattr(torch._dynamo.config, "compiled_autograd", False)
+    )
+
+
+COMPILED_AUTOGRAD_ERROR = (
+    "compileclip does not support compiled autograd: it replaces the compiled backward "
+    "graphs this backend clips in, so the gradients would not be clipped. Run the backward "
+    "without compiled autograd (torch._dynamo.config.compiled_autograd=False)."
+)
 
 
 def _queue_end_of_backward(fn) -> None:
@@ -85,6 +105,7 @@ class ClipRuntime:
         self._enabled = {}  # (device, bool) -> 0-d bool tensor
         self.total_norm: torch.Tensor | None = None
         self.accumulating = False
+        self.after_accumulate = False  # the last backward ran inside accumulate()
         self.fusable: bool | None = None  # None until a probe backward has run
         self._unfusable_reason = ""
         self._warned: set[str] = set()
@@ -149,6 +170,8 @@ class ClipRuntime:
 
     # -- events -------------------------------------------------------------------------
     def on_forward(self, graph: GraphInfo) -> None:
+        if compiled_autograd_active():
+            raise RuntimeError(COMPILED_AUTOGRAD_ERROR)
         if torch.is_grad_enabled():
             self.pending_forwards += 1
 
@@ -194,10 +217,7 @@ class ClipRuntime:
                 "(a module Dynamo did not compile, or a graph break)"
             )
         if any(p.grad is not None for p in self.params.values()):
-            return (
-                ".grad already held values before backward (gradient accumulation: use "
-                "`with clip.accumulate():` for all but the last micro-batch)"
-            )
+            return _ACCUMULATED
         if self.fusable is False:
             return self._unfusable_reason
         return None
@@ -207,6 +227,8 @@ class ClipRuntime:
             self.expected.update(grads)
 
     def _on_grad(self, key: int, grad: torch.Tensor) -> None:
+        if compiled_autograd_active():
+            raise RuntimeError(COMPILED_AUTOGRAD_ERROR)
         if self.mode is None and not self.accumulating:
             # a backward that reaches our parameters with no compiled backward graph
             self._start_backward(torch._C._current_graph_task_id(), None)
@@ -226,7 +248,9 @@ class ClipRuntime:
             return
         self.mode_counts[mode] += 1
         if mode == "off":
+            self.after_accumulate = True
             return
+        after_accumulate, self.after_accumulate = self.after_accumulate, False
         problem = None
         if foreign:
             problem = (
@@ -257,7 +281,7 @@ class ClipRuntime:
             else:
                 self.fusable, self._unfusable_reason = False, problem
                 self.warn_once(problem)
-        else:
+        elif not (after_accumulate and reason == _ACCUMULATED):
             self.warn_once(reason)
         self.clip_final_grads()
 
