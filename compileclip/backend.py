@@ -231,6 +231,7 @@ def clip_backend(
     error_if_nonfinite: bool = False,
     *,
     inner: str = "inductor",
+    fuse: bool = True,
 ) -> ClipBackend:
     """A ``torch.compile`` backend that clips gradients like ``clip_grad_norm_``::
 
@@ -242,5 +243,6 @@ def clip_backend(
     Arguments are validated here, before anything compiles (see ``ClipConfig``).
     """
     return ClipBackend(
-        ClipConfig(max_norm=max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite, inner=inner)
+        ClipConfig(max_norm=max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite,
+                   inner=inner, fuse=fuse)
     )

@@ -64,12 +64,15 @@ class ClipConfig:
     host sync per backward, the default does not sync.
     ``inner``: the compiler the clipped graphs go to, ``'inductor'`` or ``'aot_eager'``
     (debugging: no Inductor, same graphs).
+    ``fuse``: ``False`` always takes the unfused path (clip over the final ``.grad`` at the
+    end of each backward), for debugging and comparison.
     """
 
     max_norm: float | torch.Tensor
     norm_type: float = 2.0
     error_if_nonfinite: bool = False
     inner: str = "inductor"
+    fuse: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_norm", _check_max_norm(self.max_norm))
@@ -79,5 +82,7 @@ class ClipConfig:
                 "error_if_nonfinite must be a bool, got "
                 f"{type(self.error_if_nonfinite).__name__} {self.error_if_nonfinite!r}"
             )
+        if not isinstance(self.fuse, bool):
+            raise TypeError(f"fuse must be a bool, got {type(self.fuse).__name__} {self.fuse!r}")
         if self.inner not in _INNER:
             raise ValueError(f"inner={self.inner!r} is not supported: choose one of {_INNER}")

@@ -203,6 +203,8 @@ class ClipRuntime:
             self.mode, self.reason = "deferred", reason
 
     def _why_not_fused(self, graph: GraphInfo | None) -> str | None:
+        if not self.config.fuse:
+            return "clip_backend(fuse=False)"
         if graph is None:
             return "a backward reached the parameters without running a compiled backward graph (e.g. compiled autograd, or modules Dynamo did not compile)"
         if self.pending_forwards != 1:
@@ -281,7 +283,7 @@ class ClipRuntime:
             else:
                 self.fusable, self._unfusable_reason = False, problem
                 self.warn_once(problem)
-        elif not (after_accumulate and reason == _ACCUMULATED):
+        elif self.config.fuse and not (after_accumulate and reason == _ACCUMULATED):
             self.warn_once(reason)
         self.clip_final_grads()
 
