@@ -1,0 +1,125 @@
+"""Golden graphs: what ``insert_grad_norm_clip`` puts into a small backward graph."""
+
+import math
+
+import torch
+import torch.fx as fx
+from expecttest import TestCase
+from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
+
+from compileclip.passes import insert_grad_norm_clip
+
+
+class _TupleOut(torch.nn.Module):
+    # aot_module_simplified wants tuple outputs
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        return (self.lin(x),)
+
+
+def rewritten_backward(norm_type: float, guard_nonfinite: bool = False) -> str:
+    """The backward graph of Linear(3, 2) after the pass, with every gradient clipped."""
+    torch.manual_seed(0)
+    model = _TupleOut()
+    captured = []
+
+    def bw(gm: fx.GraphModule, inputs):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        grads = [i for i, a in enumerate(out.args[0]) if isinstance(a, fx.Node)]
+        result = insert_grad_norm_clip(gm, grads, norm_type, guard_nonfinite=guard_nonfinite)
+        captured.append((result, gm))
+        # the caller's side of the convention: append the two runtime inputs, drop the norm
+        return make_boxed_func(lambda *a: gm(*a, torch.tensor(1.0), torch.tensor(True))[:-1])
+
+    fw = lambda gm, inputs: make_boxed_func(gm.forward)  # noqa: E731
+    compiled = aot_module_simplified(model, (torch.randn(4, 3),), fw_compiler=fw, bw_compiler=bw)
+    compiled(torch.randn(4, 3))[0].sum().backward()
+    result, gm = captured[0]
+    assert result.num_grads == 2 and result.placeholders == ("clip_max_norm", "clip_enabled")
+    return gm.print_readable(print_output=False, include_stride=False, include_device=False)
+
+
+class TestGoldenGraphs(TestCase):
+    def test_norm_2(self):
+        self.assertExpectedInline(rewritten_backward(2.0), """\
+class GraphModule(torch.nn.Module):
+    def forward(self, primals_3: "f32[4, 3]", tangents_1: "f32[4, 2]", clip_max_norm: "f32[]", clip_enabled: "b8[]"):
+        # No stacktrace found for following nodes
+        t_1: "f32[2, 4]" = torch.ops.aten.t.default(tangents_1)
+        mm: "f32[2, 3]" = torch.ops.aten.mm.default(t_1, primals_3);  t_1 = primals_3 = None
+        t_2: "f32[3, 2]" = torch.ops.aten.t.default(mm);  mm = None
+        sum_1: "f32[1, 2]" = torch.ops.aten.sum.dim_IntList(tangents_1, [0], True);  tangents_1 = None
+        view: "f32[2]" = torch.ops.aten.view.default(sum_1, [2]);  sum_1 = None
+        t_3: "f32[2, 3]" = torch.ops.aten.t.default(t_2);  t_2 = None
+        mul_tensor: "f32[2, 3]" = torch.ops.aten.mul.Tensor(t_3, t_3)
+        sum_default: "f32[]" = torch.ops.aten.sum.default(mul_tensor);  mul_tensor = None
+        mul_tensor_1: "f32[2]" = torch.ops.aten.mul.Tensor(view, view)
+        sum_default_1: "f32[]" = torch.ops.aten.sum.default(mul_tensor_1);  mul_tensor_1 = None
+        add_tensor: "f32[]" = torch.ops.aten.add.Tensor(sum_default, sum_default_1);  sum_default = sum_default_1 = None
+        sqrt_default: "f32[]" = torch.ops.aten.sqrt.default(add_tensor);  add_tensor = None
+        add_tensor_1: "f32[]" = torch.ops.aten.add.Tensor(sqrt_default, 1e-06)
+        div_tensor: "f32[]" = torch.ops.aten.div.Tensor(clip_max_norm, add_tensor_1);  clip_max_norm = add_tensor_1 = None
+        clamp_max_default: "f32[]" = torch.ops.aten.clamp_max.default(div_tensor, 1.0);  div_tensor = None
+        full_default: "f32[]" = torch.ops.aten.full.default([], 1.0, dtype = torch.float32, device = device(type='cpu'), pin_memory = False)
+        where_self: "f32[]" = torch.ops.aten.where.self(clip_enabled, clamp_max_default, full_default);  clip_enabled = clamp_max_default = full_default = None
+        mul_tensor_2: "f32[2, 3]" = torch.ops.aten.mul.Tensor(t_3, where_self);  t_3 = None
+        mul_tensor_3: "f32[2]" = torch.ops.aten.mul.Tensor(view, where_self);  view = where_self = None
+        return (mul_tensor_2, mul_tensor_3, None, sqrt_default)
+""")
+
+    def test_norm_inf(self):
+        self.assertExpectedInline(rewritten_backward(math.inf), """\
+class GraphModule(torch.nn.Module):
+    def forward(self, primals_3: "f32[4, 3]", tangents_1: "f32[4, 2]", clip_max_norm: "f32[]", clip_enabled: "b8[]"):
+        # No stacktrace found for following nodes
+        t_1: "f32[2, 4]" = torch.ops.aten.t.default(tangents_1)
+        mm: "f32[2, 3]" = torch.ops.aten.mm.default(t_1, primals_3);  t_1 = primals_3 = None
+        t_2: "f32[3, 2]" = torch.ops.aten.t.default(mm);  mm = None
+        sum_1: "f32[1, 2]" = torch.ops.aten.sum.dim_IntList(tangents_1, [0], True);  tangents_1 = None
+        view: "f32[2]" = torch.ops.aten.view.default(sum_1, [2]);  sum_1 = None
+        t_3: "f32[2, 3]" = torch.ops.aten.t.default(t_2);  t_2 = None
+        abs_default: "f32[2, 3]" = torch.ops.aten.abs.default(t_3)
+        amax_default: "f32[]" = torch.ops.aten.amax.default(abs_default, []);  abs_default = None
+        abs_default_1: "f32[2]" = torch.ops.aten.abs.default(view)
+        amax_default_1: "f32[]" = torch.ops.aten.amax.default(abs_default_1, []);  abs_default_1 = None
+        maximum_default: "f32[]" = torch.ops.aten.maximum.default(amax_default, amax_default_1);  amax_default = amax_default_1 = None
+        add_tensor: "f32[]" = torch.ops.aten.add.Tensor(maximum_default, 1e-06)
+        div_tensor: "f32[]" = torch.ops.aten.div.Tensor(clip_max_norm, add_tensor);  clip_max_norm = add_tensor = None
+        clamp_max_default: "f32[]" = torch.ops.aten.clamp_max.default(div_tensor, 1.0);  div_tensor = None
+        full_default: "f32[]" = torch.ops.aten.full.default([], 1.0, dtype = torch.float32, device = device(type='cpu'), pin_memory = False)
+        where_self: "f32[]" = torch.ops.aten.where.self(clip_enabled, clamp_max_default, full_default);  clip_enabled = clamp_max_default = full_default = None
+        mul_tensor: "f32[2, 3]" = torch.ops.aten.mul.Tensor(t_3, where_self);  t_3 = None
+        mul_tensor_1: "f32[2]" = torch.ops.aten.mul.Tensor(view, where_self);  view = where_self = None
+        return (mul_tensor, mul_tensor_1, None, maximum_default)
+""")
+
+    def test_nonfinite_guard(self):
+        self.assertExpectedInline(rewritten_backward(1.0, guard_nonfinite=True), """\
+class GraphModule(torch.nn.Module):
+    def forward(self, primals_3: "f32[4, 3]", tangents_1: "f32[4, 2]", clip_max_norm: "f32[]", clip_enabled: "b8[]"):
+        # No stacktrace found for following nodes
+        t_1: "f32[2, 4]" = torch.ops.aten.t.default(tangents_1)
+        mm: "f32[2, 3]" = torch.ops.aten.mm.default(t_1, primals_3);  t_1 = primals_3 = None
+        t_2: "f32[3, 2]" = torch.ops.aten.t.default(mm);  mm = None
+        sum_1: "f32[1, 2]" = torch.ops.aten.sum.dim_IntList(tangents_1, [0], True);  tangents_1 = None
+        view: "f32[2]" = torch.ops.aten.view.default(sum_1, [2]);  sum_1 = None
+        t_3: "f32[2, 3]" = torch.ops.aten.t.default(t_2);  t_2 = None
+        abs_default: "f32[2, 3]" = torch.ops.aten.abs.default(t_3)
+        sum_default: "f32[]" = torch.ops.aten.sum.default(abs_default);  abs_default = None
+        abs_default_1: "f32[2]" = torch.ops.aten.abs.default(view)
+        sum_default_1: "f32[]" = torch.ops.aten.sum.default(abs_default_1);  abs_default_1 = None
+        add_tensor: "f32[]" = torch.ops.aten.add.Tensor(sum_default, sum_default_1);  sum_default = sum_default_1 = None
+        add_tensor_1: "f32[]" = torch.ops.aten.add.Tensor(add_tensor, 1e-06)
+        div_tensor: "f32[]" = torch.ops.aten.div.Tensor(clip_max_norm, add_tensor_1);  clip_max_norm = add_tensor_1 = None
+        clamp_max_default: "f32[]" = torch.ops.aten.clamp_max.default(div_tensor, 1.0);  div_tensor = None
+        full_default: "f32[]" = torch.ops.aten.full.default([], 1.0, dtype = torch.float32, device = device(type='cpu'), pin_memory = False)
+        isfinite_default: "b8[]" = torch.ops.aten.isfinite.default(add_tensor)
+        where_self: "f32[]" = torch.ops.aten.where.self(isfinite_default, clamp_max_default, full_default);  isfinite_default = clamp_max_default = None
+        where_self_1: "f32[]" = torch.ops.aten.where.self(clip_enabled, where_self, full_default);  clip_enabled = where_self = full_default = None
+        mul_tensor: "f32[2, 3]" = torch.ops.aten.mul.Tensor(t_3, where_self_1);  t_3 = None
+        mul_tensor_1: "f32[2]" = torch.ops.aten.mul.Tensor(view, where_self_1);  view = where_self_1 = None
+        return (mul_tensor, mul_tensor_1, None, add_tensor)
+""")
