@@ -129,7 +129,9 @@ def insert_grad_norm_clip(
         coef = b(aten.clamp_max.default, coef, 1.0)
         one = b(aten.full.default, [], 1.0, dtype=torch.float32, device=device, pin_memory=False)
         if guard_nonfinite:
-            coef = b(aten.where.self, b(aten.isfinite.default, total), coef, one)
+            # |total| < inf is false for nan and inf (aten.isfinite has no Inductor lowering)
+            finite = b(aten.lt.Scalar, b(aten.abs.default, total), math.inf)
+            coef = b(aten.where.self, finite, coef, one)
         coef = b(aten.where.self, enabled, coef, one)
         for i, g in zip(grad_indices, grads):
             outputs[i] = b(aten.mul.Tensor, g, coef)

@@ -54,6 +54,8 @@ def compare_with_eager(
     rtol: float | None = None,
     atol: float | None = None,
     expect_stats: dict | None = None,
+    check_clip_state: bool = True,
+    equal_nan: bool = False,
 ):
     """Train a compiled copy and an eager copy for ``steps`` SGD steps on the same fresh
     random inputs, asserting every gradient, the total norm and the parameters after each
@@ -67,7 +69,7 @@ def compare_with_eager(
     compiled = torch.compile(model, backend=clip, **(compile_kwargs or {}))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
-    tol = {} if rtol is None else {"rtol": rtol, "atol": atol}
+    tol = {"equal_nan": equal_nan} if rtol is None else {"rtol": rtol, "atol": atol, "equal_nan": equal_nan}
     for step in range(steps):
         torch.manual_seed(1000 + step)
         inputs = make_input(step)
@@ -75,13 +77,14 @@ def compare_with_eager(
         loss_fn(compiled(*inputs)).backward()
         loss_fn(ref(*inputs)).backward()
         ref_norm = eager_clip(ref, max_norm, norm_type, reference_dtype)
-        assert_clip_state(ref_norm, max_norm)
+        if check_clip_state:
+            assert_clip_state(ref_norm, max_norm)
         for (name, p), q in zip(model.named_parameters(), ref.parameters()):
             assert (p.grad is None) == (q.grad is None), name
             if p.grad is not None:
                 torch.testing.assert_close(p.grad, q.grad, **tol, msg=lambda m: f"step {step} grad of {name}: {m}")
         torch.testing.assert_close(
-            clip.total_norm, ref_norm.to(torch.float32), equal_nan=True, **tol,
+            clip.total_norm, ref_norm.to(torch.float32), **tol,
             msg=lambda m: f"step {step} total norm: {m}",
         )
         assert clip.total_norm.dtype == torch.float32 and clip.total_norm.dim() == 0

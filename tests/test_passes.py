@@ -116,8 +116,9 @@ class GraphModule(torch.nn.Module):
         div_tensor: "f32[]" = torch.ops.aten.div.Tensor(clip_max_norm, add_tensor_1);  clip_max_norm = add_tensor_1 = None
         clamp_max_default: "f32[]" = torch.ops.aten.clamp_max.default(div_tensor, 1.0);  div_tensor = None
         full_default: "f32[]" = torch.ops.aten.full.default([], 1.0, dtype = torch.float32, device = device(type='cpu'), pin_memory = False)
-        isfinite_default: "b8[]" = torch.ops.aten.isfinite.default(add_tensor)
-        where_self: "f32[]" = torch.ops.aten.where.self(isfinite_default, clamp_max_default, full_default);  isfinite_default = clamp_max_default = None
+        abs_default_2: "f32[]" = torch.ops.aten.abs.default(add_tensor)
+        lt_scalar: "b8[]" = torch.ops.aten.lt.Scalar(abs_default_2, inf);  abs_default_2 = None
+        where_self: "f32[]" = torch.ops.aten.where.self(lt_scalar, clamp_max_default, full_default);  lt_scalar = clamp_max_default = None
         where_self_1: "f32[]" = torch.ops.aten.where.self(clip_enabled, where_self, full_default);  clip_enabled = where_self = full_default = None
         mul_tensor: "f32[2, 3]" = torch.ops.aten.mul.Tensor(t_3, where_self_1);  t_3 = None
         mul_tensor_1: "f32[2]" = torch.ops.aten.mul.Tensor(view, where_self_1);  view = where_self_1 = None
