@@ -57,6 +57,21 @@ def _grad_positions(gm: fx.GraphModule, graph_param_idx: dict[int, int]) -> list
     return pairs
 
 
+@contextlib.contextmanager
+def _no_autograd_cache() -> Iterator[None]:
+    """AOTAutograd's cache does not key on ``inner_compile``: a warm entry from a plain
+    Inductor compile of the same graph would come back unclipped, and one of ours would come
+    back without the wrapper that feeds its extra inputs. The environment variable
+    TORCHINDUCTOR_AUTOGRAD_CACHE=1 overrides a config patch; then only disabling all caches
+    for our compiles keeps the AOT cache out (Inductor's FX graph cache with it)."""
+    from torch._functorch._aot_autograd import autograd_cache
+
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        forced = autograd_cache.should_use_local_autograd_cache()
+        with torch.compiler.config.patch(force_disable_caches=True) if forced else contextlib.nullcontext():
+            yield
+
+
 class _ClippedBackward:
     """Calls the compiled backward with the runtime inputs the pass added, strips the total
     norm it returns, and reports both to the runtime."""
@@ -203,9 +218,7 @@ class ClipBackend:
             inputs, wrap = clip_backward(g, inputs, **kwargs)
             return wrap(compile_fx_inner(g, inputs, **kwargs))
 
-        # AOTAutograd's cache does not key on inner_compile: a warm entry from a plain
-        # Inductor compile of the same graph would come back unclipped.
-        with torch._functorch.config.patch(enable_autograd_cache=False):
+        with _no_autograd_cache():
             return compile_fx(gm, example_inputs, inner_compile=inner_compile)
 
     def _compile_aot_eager(self, gm, example_inputs, clip_backward):
@@ -221,7 +234,7 @@ class ClipBackend:
             _, wrap = clip_backward(g, inputs)
             return wrap(make_boxed_func(g.forward))
 
-        with torch._functorch.config.patch(enable_autograd_cache=False):
+        with _no_autograd_cache():
             return aot_autograd(fw_compiler=fw, bw_compiler=bw)(gm, example_inputs)
 
 
