@@ -165,7 +165,9 @@ class ClipBackend:
         rt.add_params(param_idx.values())
         graph = GraphInfo(next(_graph_ids), list(param_idx.values()))
         self._graphs.append(graph)
-        if not param_idx:
+        if not param_idx or not self.config.fuse:
+            # nothing to clip in the graph: the parameter hooks start the exact
+            # end-of-backward path for every backward that reaches a known parameter
             return self._compile(gm, example_inputs, None)
         compiled = self._compile(gm, example_inputs, functools.partial(self._clip_backward, graph, param_idx))
 

@@ -229,10 +229,10 @@ class ClipRuntime:
             self.expected.update(grads)
 
     def _on_grad(self, key: int, grad: torch.Tensor) -> None:
-        if compiled_autograd_active():
-            raise RuntimeError(COMPILED_AUTOGRAD_ERROR)
         if self.mode is None and not self.accumulating:
             # a backward that reaches our parameters with no compiled backward graph
+            if compiled_autograd_active():
+                raise RuntimeError(COMPILED_AUTOGRAD_ERROR)
             self._start_backward(torch._C._current_graph_task_id(), None)
         if self.mode not in ("fused", "probe"):
             return
