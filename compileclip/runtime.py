@@ -27,6 +27,10 @@ import torch
 from .config import ClipConfig
 
 _EPS = 1e-6
+_SEVERAL_GRAPHS = (
+    "several compiled backward graphs ran in one backward after only one compiled forward "
+    "(a graph kept from an earlier forward with retain_graph=True?)"
+)
 _ACCUMULATED = (
     ".grad already held values before backward (gradient accumulation: use "
     "`with clip.accumulate():` for all but the last micro-batch)"
@@ -181,12 +185,16 @@ class ClipRuntime:
         tid = torch._C._current_graph_task_id()
         if tid != self.task_id or self.mode is None:
             self._start_backward(tid, graph)
-        elif self.mode in ("fused", "probe"):
-            # a second compiled graph in a backward whose first graph was judged alone:
-            # only possible if forwards were not seen; never fuse such a backward.
+        elif self.mode == "probe":
+            # a second backward graph in one backward (e.g. a graph kept with
+            # retain_graph=True): the first ran unclipped, so the exact path still holds
+            self.mode, self.reason = "deferred", _SEVERAL_GRAPHS
+        elif self.mode == "fused":
+            self.fusable, self._unfusable_reason = False, _SEVERAL_GRAPHS
             raise RuntimeError(
-                "compileclip: a second compiled backward graph ran in a backward that was "
-                "clipped inside the first one; please report this with the model"
+                "compileclip: the gradients of this backward are wrong: they were clipped "
+                f"inside the first compiled backward graph, but {_SEVERAL_GRAPHS}. Later "
+                "backwards use the exact (unfused) path."
             )
         return self.mode == "fused"
 

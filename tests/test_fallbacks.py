@@ -169,3 +169,18 @@ def test_fuse_false_always_takes_exact_path():
         zoo.mlp, zoo.mlp_input, steps=2, backend_kwargs={"fuse": False},
         expect_stats={"deferred": 2},
     )
+
+
+def test_retained_graph_backward_again():
+    """A graph kept with retain_graph=True runs its backward again with a new forward's:
+    two backward graphs after one forward. Fused, that cannot be exact: a clear error."""
+    torch.manual_seed(0)
+    model = zoo.mlp()
+    clip = clip_backend(max_norm=ACTIVE)
+    compiled = torch.compile(model, backend=clip)
+    zero_grads(model)
+    kept = compiled(torch.randn(6, 8)).pow(2).mean()
+    kept.backward(retain_graph=True)  # the probe
+    zero_grads(model)
+    with pytest.raises(RuntimeError, match="several compiled backward graphs ran in one backward"):
+        (kept + compiled(torch.randn(6, 8)).pow(2).mean()).backward()
