@@ -14,6 +14,7 @@ import torch.fx as fx
 from .config import ClipConfig
 from .passes import insert_grad_norm_clip
 from .runtime import ClipRuntime, GraphInfo
+from .step import compile_step, is_step_graph
 
 _graph_ids = itertools.count()
 
@@ -155,6 +156,8 @@ class ClipBackend:
 
     # -- the backend ----------------------------------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Any:
+        if is_step_graph(gm):  # torch.compile(opt.step): clip inside the step (step.py)
+            return compile_step(self, gm, example_inputs)
         rt = self._runtime
         param_idx = {
             i: t for i, t in enumerate(example_inputs)
@@ -247,6 +250,7 @@ def clip_backend(
     *,
     inner: str = "inductor",
     fuse: bool = True,
+    step_writes_grad: bool = True,
 ) -> ClipBackend:
     """A ``torch.compile`` backend that clips gradients like ``clip_grad_norm_``::
 
@@ -259,5 +263,5 @@ def clip_backend(
     """
     return ClipBackend(
         ClipConfig(max_norm=max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite,
-                   inner=inner, fuse=fuse)
+                   inner=inner, fuse=fuse, step_writes_grad=step_writes_grad)
     )

@@ -66,6 +66,10 @@ class ClipConfig:
     (debugging: no Inductor, same graphs).
     ``fuse``: ``False`` always takes the unfused path (clip over the final ``.grad`` at the
     end of each backward), for debugging and comparison.
+    ``step_writes_grad``: where the clip runs inside a compiled optimizer step
+    (``torch.compile(opt.step, backend=clip)``), also store the clipped gradient into
+    ``.grad``, as eager ``clip_grad_norm_`` leaves it. ``False`` skips that write (the update
+    is the same) when nothing reads ``.grad`` after the step.
     """
 
     max_norm: float | torch.Tensor
@@ -73,6 +77,7 @@ class ClipConfig:
     error_if_nonfinite: bool = False
     inner: str = "inductor"
     fuse: bool = True
+    step_writes_grad: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_norm", _check_max_norm(self.max_norm))
@@ -84,5 +89,10 @@ class ClipConfig:
             )
         if not isinstance(self.fuse, bool):
             raise TypeError(f"fuse must be a bool, got {type(self.fuse).__name__} {self.fuse!r}")
+        if not isinstance(self.step_writes_grad, bool):
+            raise TypeError(
+                "step_writes_grad must be a bool, got "
+                f"{type(self.step_writes_grad).__name__} {self.step_writes_grad!r}"
+            )
         if self.inner not in _INNER:
             raise ValueError(f"inner={self.inner!r} is not supported: choose one of {_INNER}")

@@ -5,8 +5,21 @@ runs. In the order they run on a partitioned backward graph:
 
 1. ``clip_norm.insert_grad_norm_clip``: total norm of the selected gradient outputs, the clip
    coefficient, and the scaled gradients, with the norm as an extra output.
+
+On a Dynamo graph of a compiled optimizer step (before AOTAutograd):
+
+- ``clip_step.insert_step_clip``: total norm of the gradient placeholders, every use of a
+  gradient replaced by the scaled gradient, optional write-back into ``.grad``, the norm as
+  an extra output.
 """
 
 from .clip_norm import ClipInsertion, insert_grad_norm_clip
+from .clip_step import StepClipInsertion, grad_placeholders, insert_step_clip
 
-__all__ = ["ClipInsertion", "insert_grad_norm_clip"]
+__all__ = [
+    "ClipInsertion",
+    "StepClipInsertion",
+    "grad_placeholders",
+    "insert_grad_norm_clip",
+    "insert_step_clip",
+]

@@ -1,0 +1,181 @@
+"""Insert gradient-norm clipping into a Dynamo graph of an optimizer step.
+
+``torch.compile(opt.step)`` gives Dynamo graphs whose gradients are placeholders with a
+``GradSource`` (``param.grad``); the parameters and the optimizer state are attributes of the
+graph module. This rewrite works on that torch-level graph, before AOTAutograd and Inductor:
+
+    total = ||(||g_1||_p, ..., ||g_n||_p)||_p          # accumulated in float32
+    coef  = clamp(max_norm / (total + 1e-6), max=1)
+    every use of g_i  ->  g_i * coef
+    g_i.copy_(g_i * coef)                              # optional, last: eager leaves .grad clipped
+
+``max_norm`` becomes one more placeholder (the last one, a 0-d float32 tensor) so that changing
+it does not recompile, and the total norm becomes one more output (the last one). Because the
+optimizer update is the only reader of the scaled gradient, Inductor computes ``g * coef``
+inside the update's loop: the clip costs one read of the gradients (the norm) and no pass of
+its own. The write-back, if kept, is stored by that same loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.fx as fx
+
+# eager clip_grad_norm_ adds this to the norm before dividing
+EPS = 1e-6
+
+
+def grad_placeholders(gm: fx.GraphModule) -> list[fx.Node]:
+    """The placeholders of ``gm`` that Dynamo lifted from a ``param.grad`` (GradSource)."""
+    from torch._dynamo.source import GradSource
+
+    out = []
+    for n in gm.graph.find_nodes(op="placeholder"):
+        src = getattr(n, "_dynamo_source", None)
+        if src is None and "grapharg" in n.meta:
+            src = getattr(n.meta["grapharg"], "source", None)
+        if isinstance(src, GradSource) and getattr(src, "member", "grad") == "grad":
+            out.append(n)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class StepClipInsertion:
+    """What ``insert_step_clip`` changed: the gradient placeholders it clips (their positions
+    among the placeholders), the added ``max_norm`` placeholder's name, and whether the clipped
+    gradients are copied back into the gradient inputs."""
+
+    grad_positions: tuple[int, ...]
+    max_norm_placeholder: str
+    writes_grad: bool
+
+
+class _Builder:
+    """Inserts torch-level nodes before ``anchor``, each with ``meta["example_value"]`` (what
+    Dynamo's own nodes carry) computed under the graph's fake mode when there is one."""
+
+    def __init__(self, gm: fx.GraphModule, fake_mode, anchor: fx.Node) -> None:
+        self.graph = gm.graph
+        self.fake_mode = fake_mode
+        self.anchor = anchor
+        self.new: set[fx.Node] = set()
+
+    def _val(self, a):
+        return a.meta.get("example_value") if isinstance(a, fx.Node) else a
+
+    def __call__(self, op: str, target, *args, **kwargs) -> fx.Node:
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.create_node(op, target, tuple(args), kwargs)
+        self.new.add(node)
+        if self.fake_mode is not None:
+            vals = [self._val(a) for a in args]
+            kw = {k: self._val(v) for k, v in kwargs.items()}
+            if not any(v is None for v in vals):
+                with self.fake_mode:
+                    fn = getattr(vals[0], target) if op == "call_method" else target
+                    v = fn(*vals[1:], **kw) if op == "call_method" else fn(*vals, **kw)
+                node.meta["example_value"] = v
+        return node
+
+    def fn(self, target, *args, **kwargs) -> fx.Node:
+        return self("call_function", target, *args, **kwargs)
+
+    def method(self, name, *args, **kwargs) -> fx.Node:
+        return self("call_method", name, *args, **kwargs)
+
+
+def _partial_norm(b: _Builder, g: fx.Node, p: float) -> fx.Node:
+    """sum(|g|^p) (or max |g| for p = inf) of one gradient, in float32."""
+    val = g.meta.get("example_value")
+    if val is None or val.dtype != torch.float32:
+        g = b.method("to", g, torch.float32)
+    if math.isinf(p):
+        return b.fn(torch.amax, b.fn(torch.abs, g))
+    if p == 2.0:
+        return b.fn(torch.sum, b.fn(torch.mul, g, g))
+    a = b.fn(torch.abs, g)
+    return b.fn(torch.sum, a if p == 1.0 else b.fn(torch.pow, a, p))
+
+
+def insert_step_clip(
+    gm: fx.GraphModule,
+    grads: list[fx.Node],
+    norm_type: float,
+    *,
+    write_grad: bool = True,
+) -> StepClipInsertion:
+    """Clip the gradient placeholders ``grads`` of the Dynamo step graph ``gm`` by their joint
+    ``norm_type``-norm (see the module docstring). Adds a last placeholder ``clip_max_norm``
+    (0-d float32) and appends the total norm (0-d float32) to the outputs. ``write_grad``
+    copies the clipped gradient back into each gradient input after the update, so that
+    ``.grad`` ends as eager ``clip_grad_norm_`` leaves it (after any in-place change the
+    optimizer itself makes to the gradient)."""
+    graph = gm.graph
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    if not grads:
+        raise ValueError("insert_step_clip needs at least one gradient placeholder")
+    if any(g not in placeholders for g in grads):
+        raise ValueError("grads must be placeholders of gm")
+    positions = tuple(placeholders.index(g) for g in grads)
+    output = graph.output_node() if hasattr(graph, "output_node") else next(
+        n for n in reversed(graph.nodes) if n.op == "output"
+    )
+    vals = [g.meta.get("example_value") for g in grads]
+    fake_mode = None
+    if all(v is not None for v in vals):
+        # the mode the example values were made in (the tracing context may hold another)
+        fake_mode = getattr(vals[0], "fake_mode", None)
+    device = vals[0].device if vals[0] is not None else None
+
+    with graph.inserting_after(placeholders[-1]):
+        max_norm = graph.placeholder("clip_max_norm")
+    # AOTAutograd maps Dynamo placeholders to their sources; ours has none (like the
+    # placeholders DDPOptimizer's split adds)
+    max_norm._dynamo_source = None
+    if fake_mode is not None:
+        with fake_mode:
+            max_norm.meta["example_value"] = torch.empty((), dtype=torch.float32, device=device)
+
+    first_op = max_norm.next
+    b = _Builder(gm, fake_mode, first_op)
+    p = float(norm_type)
+    partials = [_partial_norm(b, g, p) for g in grads]
+    combine = torch.maximum if math.isinf(p) else torch.add
+    total = partials[0]
+    for part in partials[1:]:
+        total = b.fn(combine, total, part)
+    if not math.isinf(p):
+        if p == 2.0:
+            total = b.fn(torch.sqrt, total)
+        elif p != 1.0:
+            total = b.fn(torch.pow, total, 1.0 / p)
+    coef = b.fn(torch.div, max_norm, b.fn(torch.add, total, EPS))
+    coef = b.fn(torch.clamp, coef, max=1.0)
+    scaled = []
+    for g in grads:
+        gval = g.meta.get("example_value")
+        c = coef
+        # a 0-d float32 factor keeps the gradient's dtype, as eager's _foreach_mul_ does
+        if gval is not None and gval.device != device:
+            c = b.method("to", coef, gval.device)
+        scaled.append(b.fn(torch.mul, g, c))
+    own = set(b.new)
+    for g, s in zip(grads, scaled):
+        g.replace_all_uses_with(s, delete_user_cb=lambda user: user not in own)
+
+    if write_grad:
+        b.anchor = output
+        for g, s in zip(grads, scaled):
+            b.method("copy_", g, s)
+
+    outs = output.args[0]
+    if isinstance(outs, (list, tuple)):
+        output.args = (type(outs)([*outs, total]) if isinstance(outs, list) else (*outs, total),)
+    else:
+        raise ValueError(f"unexpected output structure of the step graph: {outs!r}")
+    graph.lint()
+    gm.recompile()
+    return StepClipInsertion(positions, max_norm.name, write_grad)
