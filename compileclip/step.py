@@ -8,6 +8,13 @@ Inductor sees it, so that ``grad * coef`` is computed inside the optimizer's upd
 The step sees the final ``.grad`` of every parameter the optimizer updates, so this path is
 exact with gradient accumulation, graph breaks in the model, or an eager model. It clips the
 parameters of the optimizer (eager: ``clip_grad_norm_(all params of the optimizer)``).
+
+One object for model and step (not handled yet): if the same ``clip`` object also compiled the
+model, the backward clips (fused or exact path) and then the step clips the already clipped
+``.grad`` again. When the clip was active, the second coefficient is
+``max_norm / (max_norm * t / (t + 1e-6) + 1e-6)``, about ``1 - 1e-6 / max_norm`` (gradients and
+SGD updates off by a relative 1e-4 at max_norm=0.01), and ``total_norm`` is overwritten by the
+post-clip norm (about ``max_norm``). Use separate objects, or clip in one place only.
 """
 
 from __future__ import annotations
@@ -111,8 +118,9 @@ def compile_step(backend: ClipBackend, gm: fx.GraphModule, example_inputs: list[
     grad_inputs = [example_inputs[placeholders.index(g)] for g in grads]
     _check_coverage(grad_inputs)
     device = grad_inputs[0].device
-    # TODO(issue 3): when this backend also compiled the model, the backward already
-    # clipped: compute the norm there and only apply the coefficient here.
+    # TODO(issue 3, "one object for both"): when this backend also compiled the model, the
+    # backward already clipped (see the module docstring): compute the norm there only, and
+    # fold the coefficient in here through a runtime input instead of a second norm.
     insert_step_clip(gm, grads, config.norm_type, write_grad=config.step_writes_grad)
     inputs = [*example_inputs, backend._runtime.max_norm_on(device)]
     with _no_autograd_cache():
