@@ -67,7 +67,7 @@ BASELINE = {  # the no-clip variant of the same compile mode
 }
 CLIPPING = list(BASELINE)
 ALL_WORKLOADS = ["mlp", "deep", "gpt", "lstm"]
-DEFAULT_SIZE = {"mlp": 1.0, "deep": 1.0, "gpt": 0.5, "lstm": 1.0}
+DEFAULT_SIZE = {"mlp": 1.0, "deep": 1.0, "gpt": 1.0, "lstm": 1.0}
 RTOL, ATOL = 1e-4, 1e-5
 COPY_BYTES = 128 * 2**20  # the large copy that measures memory bandwidth
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
