@@ -107,27 +107,63 @@ class _ClippedStep:
         return outs
 
 
-def compile_step(backend: ClipBackend, gm: fx.GraphModule, example_inputs: list[Any]):
-    """Compile a Dynamo step graph with the clip inserted (see the module docstring)."""
+class _EagerClippedStep:
+    """``fuse=False``: eager ``clip_grad_norm_`` over the gradient inputs, then the compiled
+    step without a clip (for comparison and debugging)."""
+
+    def __init__(self, compiled, backend: ClipBackend, grad_positions: list[int]) -> None:
+        self.compiled = compiled
+        self.runtime = backend._runtime
+        self.grad_positions = grad_positions
+
+    def __call__(self, *args: Any) -> Any:
+        from .runtime import _EPS, scale_grads_, total_norm_fp32
+
+        rt = self.runtime
+        grads = [args[i] for i in self.grad_positions]
+        total = total_norm_fp32(grads, rt.config.norm_type)
+        coef = torch.clamp(rt.max_norm_on(total.device) / (total + _EPS), max=1.0)
+        scale_grads_(grads, coef)
+        rt.total_norm = total
+        return self.compiled(*args)
+
+
+def _compile(config, gm: fx.GraphModule, inputs: list[Any]):
     from .backend import _no_autograd_cache
 
+    with _no_autograd_cache():
+        if config.inner == "aot_eager":
+            return torch._dynamo.lookup_backend("aot_eager")(gm, inputs)
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, inputs)
+
+
+def compile_step(backend: ClipBackend, gm: fx.GraphModule, example_inputs: list[Any]):
+    """Compile a Dynamo step graph with the clip inserted (see the module docstring)."""
     config = backend.config
-    gm = _copy_dynamo_graph(gm)
+    if config.error_if_nonfinite:
+        # eager raises before the update; inside one step graph that needs a host sync
+        # between the norm and the update, which would split the fused step
+        raise NotImplementedError(
+            "compileclip: error_if_nonfinite=True is not supported for a compiled optimizer "
+            "step (it would raise after the parameters were updated). Use "
+            "error_if_nonfinite=False, or clip_grad_norm_(..., error_if_nonfinite=True) "
+            "before an uncompiled-clip step."
+        )
     grads = grad_placeholders(gm)
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    grad_inputs = [example_inputs[placeholders.index(g)] for g in grads]
+    grad_positions = [placeholders.index(g) for g in grads]
+    grad_inputs = [example_inputs[i] for i in grad_positions]
     _check_coverage(grad_inputs)
+    if not config.fuse:
+        return _EagerClippedStep(_compile(config, gm, example_inputs), backend, grad_positions)
+    gm = _copy_dynamo_graph(gm)
+    grads = grad_placeholders(gm)
     device = grad_inputs[0].device
     # TODO(issue 3, "one object for both"): when this backend also compiled the model, the
     # backward already clipped (see the module docstring): compute the norm there only, and
     # fold the coefficient in here through a runtime input instead of a second norm.
     insert_step_clip(gm, grads, config.norm_type, write_grad=config.step_writes_grad)
     inputs = [*example_inputs, backend._runtime.max_norm_on(device)]
-    with _no_autograd_cache():
-        if config.inner == "aot_eager":
-            compiled = torch._dynamo.lookup_backend("aot_eager")(gm, inputs)
-        else:
-            from torch._inductor.compile_fx import compile_fx
-
-            compiled = compile_fx(gm, inputs)
-    return _ClippedStep(compiled, backend, device)
+    return _ClippedStep(_compile(config, gm, inputs), backend, device)

@@ -142,7 +142,13 @@ def insert_step_clip(
     first_op = max_norm.next
     b = _Builder(gm, fake_mode, first_op)
     p = float(norm_type)
-    partials = [_partial_norm(b, g, p) for g in grads]
+    partials = []
+    for g in grads:
+        part = _partial_norm(b, g, p)
+        gval = g.meta.get("example_value")
+        if gval is not None and gval.device != device:  # gradients on several devices
+            part = b.method("to", part, device)
+        partials.append(part)
     combine = torch.maximum if math.isinf(p) else torch.add
     total = partials[0]
     for part in partials[1:]:

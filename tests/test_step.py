@@ -67,6 +67,7 @@ def train_against_eager(
     backend_kwargs: dict | None = None,
     micro_batches: int = 1,
     between_steps=None,
+    norm_type: float = 2.0,
 ):
     """Train ``make_model()`` with a compiled clipped step and a deep copy eagerly; compare
     after every step. ``between_steps(step, opt, ref_opt, clip)`` may change hyperparameters."""
@@ -74,7 +75,7 @@ def train_against_eager(
     model = make_model()
     ref = copy.deepcopy(model)
     opt, ref_opt = make_opt(model), make_opt(ref)
-    clip = clip_backend(max_norm=max_norm, **(backend_kwargs or {}))
+    clip = clip_backend(max_norm=max_norm, norm_type=norm_type, **(backend_kwargs or {}))
     step = torch.compile(opt.step, backend=clip)
     writes_grad = clip.config.step_writes_grad
     mn = max_norm
@@ -89,7 +90,7 @@ def train_against_eager(
             loss_of(ref, x).backward()
         mn = float(clip.max_norm)
         ref_params = [p for g in ref_opt.param_groups for p in g["params"] if p.grad is not None]
-        ref_norm = torch.nn.utils.clip_grad_norm_(ref_params, mn)
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref_params, mn, norm_type)
         if isinstance(max_norm, float):
             assert_clip_state(ref_norm, max_norm)
         ref_opt.step()
@@ -120,6 +121,24 @@ def test_no_grad_write_back(name):
 
 def test_aot_eager_inner():
     train_against_eager(lambda m: OPTIMIZERS["adam"](m.parameters(), False), backend_kwargs={"inner": "aot_eager"})
+
+
+def test_fuse_false_clips_eagerly_before_the_compiled_step():
+    train_against_eager(lambda m: OPTIMIZERS["sgd"](m.parameters(), True), backend_kwargs={"fuse": False})
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 3.0, float("inf")], ids=["p1", "p3", "inf"])
+def test_norm_types(norm_type):
+    train_against_eager(lambda m: OPTIMIZERS["adam"](m.parameters(), True), norm_type=norm_type)
+
+
+def test_error_if_nonfinite_is_refused_for_the_step():
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = torch.compile(opt.step, backend=clip_backend(1.0, error_if_nonfinite=True))
+    loss_of(model, torch.randn(2, 8)).backward()
+    with pytest.raises(Exception, match="error_if_nonfinite=True is not supported"):
+        step()
 
 
 # -- parameter groups, frozen parameters, grads that are None ----------------------------------
