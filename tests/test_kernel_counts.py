@@ -49,9 +49,9 @@ PINNED = {
     "mlp": (0, 10),
     "encoder_layer": (1, 25),
     "gpt_tied": (1, 56),
-    "cnn_batchnorm": (1, 16),
+    "cnn_batchnorm": (0, 16),
     "lstm_cell_loop": (2, 9),
-    "deep_mlp_64_tensors": (2, 97),
+    "deep_mlp_64_tensors": (1, 97),
 }
 
 

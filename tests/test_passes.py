@@ -53,11 +53,11 @@ class GraphModule(torch.nn.Module):
         t_2: "f32[3, 2]" = torch.ops.aten.t.default(mm);  mm = None
         sum_1: "f32[1, 2]" = torch.ops.aten.sum.dim_IntList(tangents_1, [0], True);  tangents_1 = None
         view: "f32[2]" = torch.ops.aten.view.default(sum_1, [2]);  sum_1 = None
-        mul_tensor_1: "f32[2]" = torch.ops.aten.mul.Tensor(view, view)
-        sum_default_1: "f32[]" = torch.ops.aten.sum.default(mul_tensor_1);  mul_tensor_1 = None
         t_3: "f32[2, 3]" = torch.ops.aten.t.default(t_2);  t_2 = None
         mul_tensor: "f32[2, 3]" = torch.ops.aten.mul.Tensor(t_3, t_3)
         sum_default: "f32[]" = torch.ops.aten.sum.default(mul_tensor);  mul_tensor = None
+        mul_tensor_1: "f32[2]" = torch.ops.aten.mul.Tensor(view, view)
+        sum_default_1: "f32[]" = torch.ops.aten.sum.default(mul_tensor_1);  mul_tensor_1 = None
         add_tensor: "f32[]" = torch.ops.aten.add.Tensor(sum_default, sum_default_1);  sum_default = sum_default_1 = None
         sqrt_default: "f32[]" = torch.ops.aten.sqrt.default(add_tensor);  add_tensor = None
         add_tensor_1: "f32[]" = torch.ops.aten.add.Tensor(sqrt_default, 1e-06)
@@ -80,11 +80,11 @@ class GraphModule(torch.nn.Module):
         t_2: "f32[3, 2]" = torch.ops.aten.t.default(mm);  mm = None
         sum_1: "f32[1, 2]" = torch.ops.aten.sum.dim_IntList(tangents_1, [0], True);  tangents_1 = None
         view: "f32[2]" = torch.ops.aten.view.default(sum_1, [2]);  sum_1 = None
-        abs_default_1: "f32[2]" = torch.ops.aten.abs.default(view)
-        amax_default_1: "f32[]" = torch.ops.aten.amax.default(abs_default_1, []);  abs_default_1 = None
         t_3: "f32[2, 3]" = torch.ops.aten.t.default(t_2);  t_2 = None
         abs_default: "f32[2, 3]" = torch.ops.aten.abs.default(t_3)
         amax_default: "f32[]" = torch.ops.aten.amax.default(abs_default, []);  abs_default = None
+        abs_default_1: "f32[2]" = torch.ops.aten.abs.default(view)
+        amax_default_1: "f32[]" = torch.ops.aten.amax.default(abs_default_1, []);  abs_default_1 = None
         maximum_default: "f32[]" = torch.ops.aten.maximum.default(amax_default, amax_default_1);  amax_default = amax_default_1 = None
         add_tensor: "f32[]" = torch.ops.aten.add.Tensor(maximum_default, 1e-06)
         div_tensor: "f32[]" = torch.ops.aten.div.Tensor(clip_max_norm, add_tensor);  clip_max_norm = add_tensor = None
@@ -106,11 +106,11 @@ class GraphModule(torch.nn.Module):
         t_2: "f32[3, 2]" = torch.ops.aten.t.default(mm);  mm = None
         sum_1: "f32[1, 2]" = torch.ops.aten.sum.dim_IntList(tangents_1, [0], True);  tangents_1 = None
         view: "f32[2]" = torch.ops.aten.view.default(sum_1, [2]);  sum_1 = None
-        abs_default_1: "f32[2]" = torch.ops.aten.abs.default(view)
-        sum_default_1: "f32[]" = torch.ops.aten.sum.default(abs_default_1);  abs_default_1 = None
         t_3: "f32[2, 3]" = torch.ops.aten.t.default(t_2);  t_2 = None
         abs_default: "f32[2, 3]" = torch.ops.aten.abs.default(t_3)
         sum_default: "f32[]" = torch.ops.aten.sum.default(abs_default);  abs_default = None
+        abs_default_1: "f32[2]" = torch.ops.aten.abs.default(view)
+        sum_default_1: "f32[]" = torch.ops.aten.sum.default(abs_default_1);  abs_default_1 = None
         add_tensor: "f32[]" = torch.ops.aten.add.Tensor(sum_default, sum_default_1);  sum_default = sum_default_1 = None
         add_tensor_1: "f32[]" = torch.ops.aten.add.Tensor(add_tensor, 1e-06)
         div_tensor: "f32[]" = torch.ops.aten.div.Tensor(clip_max_norm, add_tensor_1);  clip_max_norm = add_tensor_1 = None
