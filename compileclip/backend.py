@@ -139,7 +139,8 @@ class ClipBackend:
 
     @property
     def stats(self) -> dict[str, int]:
-        """How many backwards took each path (fused, probe, deferred, off)."""
+        """How many backwards took each path: fused, probe, deferred, off (inside
+        ``accumulate()``), step (left to a compiled optimizer step of this backend)."""
         return dict(self._runtime.mode_counts)
 
     @contextlib.contextmanager

@@ -7,7 +7,8 @@ Every backward that reaches a parameter the backend knows goes through one of fo
               backward is done, while hooks check that the fused path would have been exact
               (every gradient came from the one graph, and from nothing else);
 ``deferred``  like ``probe`` without the check: a condition of the fused path failed;
-``off``       inside ``accumulate()``: nothing is clipped.
+``off``       inside ``accumulate()``: nothing is clipped;
+``step``      the same backend compiled the optimizer step, which clips the final ``.grad``.
 
 A hook on each known parameter sees the summed incoming gradient before it is accumulated.
 It is the detector for everything the graphs cannot see: a parameter that also received a
@@ -113,7 +114,9 @@ class ClipRuntime:
         self.fusable: bool | None = None  # None until a probe backward has run
         self._unfusable_reason = ""
         self._warned: set[str] = set()
-        self.mode_counts = {"fused": 0, "probe": 0, "deferred": 0, "off": 0}
+        self.mode_counts = {"fused": 0, "probe": 0, "deferred": 0, "off": 0, "step": 0}
+        self.step_compiled = False  # a compiled optimizer step clips: backwards do not
+        self.clipped_since_step = 0  # backwards that clipped since the last compiled step
         self._reset()
 
     # -- bookkeeping --------------------------------------------------------------------
@@ -204,6 +207,9 @@ class ClipRuntime:
         if self.accumulating:
             self.mode = "off"
             return
+        if self.step_compiled:
+            self.mode = "step"  # the compiled optimizer step clips the final .grad
+            return
         reason = self._why_not_fused(graph)
         if reason is None:
             self.mode = "fused" if self.fusable else "probe"
@@ -232,6 +238,23 @@ class ClipRuntime:
             return self._unfusable_reason
         return None
 
+    def begin_step(self) -> bool:
+        """Called as a compiled optimizer step starts; returns whether it must clip (not if
+        a backward already clipped these gradients, as the first one does before the step
+        is compiled)."""
+        clipped, self.clipped_since_step = self.clipped_since_step, 0
+        if clipped > 1:
+            # before its first call this backend did not know a compiled step would clip, so
+            # each of these backwards clipped the .grad accumulated so far: not eager's result
+            raise RuntimeError(
+                f"compileclip: {clipped} backwards clipped the gradients before the first call "
+                "of the optimizer step compiled with this backend (gradient accumulation in the "
+                "first step). The result would differ from eager clipping. Run the first step's "
+                "micro-batches but the last inside `with clip.accumulate():`; from the second "
+                "step on the compiled step clips the final .grad and no context is needed."
+            )
+        return not clipped
+
     def expect(self, grads: dict[int, torch.Tensor]) -> None:
         if self.mode in ("fused", "probe"):
             self.expected.update(grads)
@@ -257,9 +280,12 @@ class ClipRuntime:
         if mode is None:
             return
         self.mode_counts[mode] += 1
+        if mode == "step":
+            return
         if mode == "off":
             self.after_accumulate = True
             return
+        self.clipped_since_step += 1
         after_accumulate, self.after_accumulate = self.after_accumulate, False
         problem = None
         if foreign:

@@ -9,12 +9,10 @@ The step sees the final ``.grad`` of every parameter the optimizer updates, so t
 exact with gradient accumulation, graph breaks in the model, or an eager model. It clips the
 parameters of the optimizer (eager: ``clip_grad_norm_(all params of the optimizer)``).
 
-One object for model and step (not handled yet): if the same ``clip`` object also compiled the
-model, the backward clips (fused or exact path) and then the step clips the already clipped
-``.grad`` again. When the clip was active, the second coefficient is
-``max_norm / (max_norm * t / (t + 1e-6) + 1e-6)``, about ``1 - 1e-6 / max_norm`` (gradients and
-SGD updates off by a relative 1e-4 at max_norm=0.01), and ``total_norm`` is overwritten by the
-post-clip norm (about ``max_norm``). Use separate objects, or clip in one place only.
+One object for model and step: once this backend has compiled a step, backwards leave the
+gradients alone and the step clips the final ``.grad`` (so accumulation needs no context
+manager). A backward that clipped before the step was compiled (the first one) makes the next
+step run with ``enabled=False``, so the gradients are clipped exactly once per step.
 """
 
 from __future__ import annotations
@@ -98,12 +96,16 @@ class _ClippedStep:
         self.device = device
 
     def __call__(self, *args: Any) -> Any:
-        full = [*args, self.runtime.max_norm_on(self.device)]
+        rt = self.runtime
+        clip = rt.begin_step()
+        full = [*args, rt.max_norm_on(self.device), rt.enabled_on(self.device, clip)]
         # Dynamo calls what a backend returns with *args, whatever ``_boxed_call`` says
         # (aot_module_simplified's unboxed forward copies that attribute from its callee)
         outs = self.compiled(*full)
         outs = list(outs)
-        self.runtime.total_norm = outs.pop()
+        total = outs.pop()
+        if clip:
+            rt.total_norm = total
         return outs
 
 
@@ -120,6 +122,8 @@ class _EagerClippedStep:
         from .runtime import _EPS, scale_grads_, total_norm_fp32
 
         rt = self.runtime
+        if not rt.begin_step():
+            return self.compiled(*args)
         grads = [args[i] for i in self.grad_positions]
         total = total_norm_fp32(grads, rt.config.norm_type)
         coef = torch.clamp(rt.max_norm_on(total.device) / (total + _EPS), max=1.0)
@@ -151,6 +155,7 @@ def compile_step(backend: ClipBackend, gm: fx.GraphModule, example_inputs: list[
             "error_if_nonfinite=False, or clip_grad_norm_(..., error_if_nonfinite=True) "
             "before an uncompiled-clip step."
         )
+    backend._runtime.step_compiled = True
     grads = grad_placeholders(gm)
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     grad_positions = [placeholders.index(g) for g in grads]
@@ -161,9 +166,9 @@ def compile_step(backend: ClipBackend, gm: fx.GraphModule, example_inputs: list[
     gm = _copy_dynamo_graph(gm)
     grads = grad_placeholders(gm)
     device = grad_inputs[0].device
-    # TODO(issue 3, "one object for both"): when this backend also compiled the model, the
-    # backward already clipped (see the module docstring): compute the norm there only, and
-    # fold the coefficient in here through a runtime input instead of a second norm.
+    # TODO(issue 3): when this backend also compiled the model, the backward could compute
+    # the norm where the gradients are produced and the step only fold the coefficient in.
     insert_step_clip(gm, grads, config.norm_type, write_grad=config.step_writes_grad)
-    inputs = [*example_inputs, backend._runtime.max_norm_on(device)]
+    rt = backend._runtime
+    inputs = [*example_inputs, rt.max_norm_on(device), rt.enabled_on(device, True)]
     return _ClippedStep(_compile(config, gm, inputs), backend, device)

@@ -9,8 +9,9 @@ graph module. This rewrite works on that torch-level graph, before AOTAutograd a
     every use of g_i  ->  g_i * coef
     g_i.copy_(g_i * coef)                              # optional, last: eager leaves .grad clipped
 
-``max_norm`` becomes one more placeholder (the last one, a 0-d float32 tensor) so that changing
-it does not recompile, and the total norm becomes one more output (the last one). Because the
+``max_norm`` (a 0-d float32 tensor) and ``enabled`` (0-d bool; false makes the coefficient
+exactly 1) become the last two placeholders so that changing them does not recompile, and the
+total norm becomes one more output (the last one). Because the
 optimizer update is the only reader of the scaled gradient, Inductor computes ``g * coef``
 inside the update's loop: the clip costs one read of the gradients (the norm) and no pass of
 its own. The write-back, if kept, is stored by that same loop.
@@ -45,11 +46,11 @@ def grad_placeholders(gm: fx.GraphModule) -> list[fx.Node]:
 @dataclasses.dataclass(frozen=True)
 class StepClipInsertion:
     """What ``insert_step_clip`` changed: the gradient placeholders it clips (their positions
-    among the placeholders), the added ``max_norm`` placeholder's name, and whether the clipped
+    among the placeholders), the added placeholders' names (max norm, enabled flag), and whether the clipped
     gradients are copied back into the gradient inputs."""
 
     grad_positions: tuple[int, ...]
-    max_norm_placeholder: str
+    placeholders: tuple[str, str]
     writes_grad: bool
 
 
@@ -108,8 +109,8 @@ def insert_step_clip(
     write_grad: bool = True,
 ) -> StepClipInsertion:
     """Clip the gradient placeholders ``grads`` of the Dynamo step graph ``gm`` by their joint
-    ``norm_type``-norm (see the module docstring). Adds a last placeholder ``clip_max_norm``
-    (0-d float32) and appends the total norm (0-d float32) to the outputs. ``write_grad``
+    ``norm_type``-norm (see the module docstring). Adds two last placeholders, ``clip_max_norm``
+    (0-d float32) and ``clip_enabled`` (0-d bool), and appends the total norm (0-d float32) to the outputs. ``write_grad``
     copies the clipped gradient back into each gradient input after the update, so that
     ``.grad`` ends as eager ``clip_grad_norm_`` leaves it (after any in-place change the
     optimizer itself makes to the gradient)."""
@@ -131,15 +132,18 @@ def insert_step_clip(
     device = vals[0].device if vals[0] is not None else None
 
     with graph.inserting_after(placeholders[-1]):
+        enabled = graph.placeholder("clip_enabled")
+    with graph.inserting_after(placeholders[-1]):
         max_norm = graph.placeholder("clip_max_norm")
-    # AOTAutograd maps Dynamo placeholders to their sources; ours has none (like the
+    # AOTAutograd maps Dynamo placeholders to their sources; ours have none (like the
     # placeholders DDPOptimizer's split adds)
-    max_norm._dynamo_source = None
+    max_norm._dynamo_source = enabled._dynamo_source = None
     if fake_mode is not None:
         with fake_mode:
             max_norm.meta["example_value"] = torch.empty((), dtype=torch.float32, device=device)
+            enabled.meta["example_value"] = torch.empty((), dtype=torch.bool, device=device)
 
-    first_op = max_norm.next
+    first_op = enabled.next
     b = _Builder(gm, fake_mode, first_op)
     p = float(norm_type)
     partials = []
@@ -160,6 +164,8 @@ def insert_step_clip(
             total = b.fn(torch.pow, total, 1.0 / p)
     coef = b.fn(torch.div, max_norm, b.fn(torch.add, total, EPS))
     coef = b.fn(torch.clamp, coef, max=1.0)
+    # enabled=False: coefficient exactly 1 (the gradients were already clipped by a backward)
+    coef = b.fn(torch.where, enabled, coef, 1.0)
     scaled = []
     for g in grads:
         gval = g.meta.get("example_value")
@@ -184,4 +190,4 @@ def insert_step_clip(
         raise ValueError(f"unexpected output structure of the step graph: {outs!r}")
     graph.lint()
     gm.recompile()
-    return StepClipInsertion(positions, max_norm.name, write_grad)
+    return StepClipInsertion(positions, (max_norm.name, enabled.name), write_grad)

@@ -127,9 +127,8 @@ def test_error_if_nonfinite(value, fuse):
             torch.nn.utils.clip_grad_norm_(ref.parameters(), ACTIVE, error_if_nonfinite=True)
         for p, q in zip(model.parameters(), ref.parameters()):
             torch.testing.assert_close(p.grad, q.grad, equal_nan=True)
-    assert clip.stats == ({"fused": 1, "probe": 1} if fuse else {"deferred": 2}) | {
-        k: 0 for k in ("fused", "probe", "deferred", "off") if k not in (("fused", "probe") if fuse else ("deferred",))
-    }
+    taken = {k: v for k, v in clip.stats.items() if v}
+    assert taken == ({"fused": 1, "probe": 1} if fuse else {"deferred": 2}), taken
 
 
 def test_max_norm_tensor_changes_without_recompile():

@@ -8,6 +8,7 @@ is compiled) to keep Inductor compiles few.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -68,15 +69,18 @@ def train_against_eager(
     micro_batches: int = 1,
     between_steps=None,
     norm_type: float = 2.0,
+    compile_model: bool = False,
 ):
     """Train ``make_model()`` with a compiled clipped step and a deep copy eagerly; compare
-    after every step. ``between_steps(step, opt, ref_opt, clip)`` may change hyperparameters."""
+    after every step. ``between_steps(step, opt, ref_opt, clip)`` may change hyperparameters.
+    ``compile_model`` compiles the model with the same clip object too."""
     torch.manual_seed(0)
     model = make_model()
     ref = copy.deepcopy(model)
     opt, ref_opt = make_opt(model), make_opt(ref)
     clip = clip_backend(max_norm=max_norm, norm_type=norm_type, **(backend_kwargs or {}))
     step = torch.compile(opt.step, backend=clip)
+    forward = torch.compile(model, backend=clip) if compile_model else model
     writes_grad = clip.config.step_writes_grad
     mn = max_norm
     for i in range(steps):
@@ -84,9 +88,12 @@ def train_against_eager(
             between_steps(i, opt, ref_opt, clip)
         opt.zero_grad(set_to_none=True)
         ref_opt.zero_grad(set_to_none=True)
-        for _ in range(micro_batches):
+        for k in range(micro_batches):
             x = torch.randn(6, 8)
-            loss_of(model, x).backward()
+            # before the step is first compiled, the backward clips: accumulate() as documented
+            first = compile_model and i == 0 and k < micro_batches - 1
+            with clip.accumulate() if first else contextlib.nullcontext():
+                loss_of(forward, x).backward()
             loss_of(ref, x).backward()
         mn = float(clip.max_norm)
         ref_params = [p for g in ref_opt.param_groups for p in g["params"] if p.grad is not None]
@@ -215,6 +222,34 @@ def test_tensor_lr_and_max_norm_change_without_recompile():
 
 def test_gradient_accumulation_needs_no_context_manager():
     train_against_eager(lambda m: OPTIMIZERS["adamw"](m.parameters(), True), micro_batches=3)
+
+
+# -- one object for model and step: clipped exactly once per step -----------------------------
+
+
+@pytest.mark.parametrize("max_norm", [ACTIVE, INACTIVE], ids=["active", "inactive"])
+@pytest.mark.parametrize("micro_batches", [1, 3])
+def test_one_object_for_model_and_step(micro_batches, max_norm):
+    _, clip = train_against_eager(
+        lambda m: OPTIMIZERS["sgd"](m.parameters(), False), max_norm=max_norm, steps=3,
+        compile_model=True, micro_batches=micro_batches,
+    )
+    # the first step's last backward clipped (the step did not exist yet); later ones left it
+    # to the step
+    assert clip.stats["step"] == 2 * micro_batches and clip.stats["fused"] == 0, clip.stats
+
+
+def test_one_object_accumulating_before_first_step_raises():
+    torch.manual_seed(0)
+    model = small_mlp()
+    opt = OPTIMIZERS["sgd"](model.parameters(), False)
+    clip = clip_backend(max_norm=ACTIVE)
+    step, forward = torch.compile(opt.step, backend=clip), torch.compile(model, backend=clip)
+    with pytest.warns(UserWarning, match="already held values"):
+        for _ in range(2):
+            loss_of(forward, torch.randn(6, 8)).backward()
+    with pytest.raises(RuntimeError, match="2 backwards clipped the gradients before the first call"):
+        step()
 
 
 # -- the scale costs no loop of its own --------------------------------------------------------
