@@ -4,7 +4,7 @@
     python bench/bench.py --workloads mlp,deep,gpt,lstm --reps 15 --steps 10
     python bench/bench.py --device cuda --size gpt=1
 
-For every workload, seven variants of the same model (same seed, same weights, each with its
+For every workload, ten variants of the same model (same seed, same weights, each with its
 own deep copy and Adam optimizer) train on one fixed batch:
 
     compiled_noclip        torch.compile(model), no clipping (the floor of the compiled ones)
@@ -14,6 +14,10 @@ own deep copy and Adam optimizer) train on one fixed batch:
     compiled_compiledclip  torch.compile(model) + torch.compile(clip_grad_norm_ wrapper)
     fused                  torch.compile(model, backend=clip_backend(max_norm))
     fallback               torch.compile(model, backend=clip_backend(max_norm, fuse=False))
+    cstep_noclip           torch.compile(model) + torch.compile(opt.step), no clipping
+                           (the floor of the two below)
+    step_fused             torch.compile(model) + torch.compile(opt.step, backend=clip)
+    both                   model and step compiled with the same clip object
 
 Steps: check (the clipping variants must match eager_clip, else exit 1), warm up, then time
 interleaved blocks. See bench/README.md for the method and the meaning of each column.
@@ -55,6 +59,9 @@ VARIANTS = [
     "compiled_compiledclip",
     "fused",
     "fallback",
+    "cstep_noclip",
+    "step_fused",
+    "both",
 ]
 REFERENCE = "eager_clip"            # what the clipping variants must match numerically
 OVERHEAD_REF = "compiled_eagerclip"  # the overhead every other overhead is compared with
@@ -64,10 +71,12 @@ BASELINE = {  # the no-clip variant of the same compile mode
     "compiled_compiledclip": "compiled_noclip",
     "fused": "compiled_noclip",
     "fallback": "compiled_noclip",
+    "step_fused": "cstep_noclip",
+    "both": "cstep_noclip",
 }
 CLIPPING = list(BASELINE)
 ALL_WORKLOADS = ["mlp", "deep", "gpt", "lstm"]
-DEFAULT_SIZE = {"mlp": 1.0, "deep": 1.0, "gpt": 1.0, "lstm": 1.0}
+DEFAULT_SIZE = {"mlp": 1.0, "deep": 0.5, "gpt": 1.0, "lstm": 1.0}
 RTOL, ATOL = 1e-4, 1e-5
 COPY_BYTES = 128 * 2**20  # the large copy that measures memory bandwidth
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -260,6 +269,7 @@ class Variant:
     opt: torch.optim.Optimizer
     clip: Callable | None = None           # clips .grad after backward; returns the total norm
     backend: compileclip.ClipBackend | None = None
+    step: Callable | None = None           # the optimizer step (compiled for cstep_*, step_fused, both)
     times: list = dataclasses.field(default_factory=list)     # seconds per step, one per block
     first_step_s: float = math.nan
     kernels: int | None = None
@@ -283,20 +293,25 @@ def make_variant(name: str, base: nn.Module, max_norm: float) -> Variant:
     module = copy.deepcopy(base)
     opt = torch.optim.Adam(module.parameters(), lr=1e-3, foreach=True)
     eager_clip = lambda ps: clip_grads(ps, max_norm)  # noqa: E731
-    backend = None
-    if name in ("fused", "fallback"):
-        backend = clip_backend(max_norm, fuse=(name == "fused"))
+    backend, step = None, opt.step
+    if name in ("fused", "fallback", "both"):
+        backend = clip_backend(max_norm, fuse=(name != "fallback"))
         forward = torch.compile(module, backend=backend, dynamic=False)
-    elif name.startswith("compiled"):
-        forward = torch.compile(module, dynamic=False)
-    else:
+    elif name.startswith("eager"):
         forward = module
+    else:
+        forward = torch.compile(module, dynamic=False)
+    if name in ("step_fused", "both"):
+        backend = backend or clip_backend(max_norm)
+        step = torch.compile(opt.step, backend=backend, dynamic=False)
+    elif name == "cstep_noclip":
+        step = torch.compile(opt.step, dynamic=False)
     clip = {
         "eager_clip": eager_clip,
         "compiled_eagerclip": eager_clip,
         "compiled_compiledclip": compiled_clip(max_norm),
     }.get(name)
-    return Variant(name, module, forward, opt, clip, backend)
+    return Variant(name, module, forward, opt, clip, backend, step)
 
 
 def compiled_clip(max_norm: float) -> Callable:
@@ -310,7 +325,7 @@ def train_step(v: Variant, batch) -> torch.Tensor | None:
     loss = v.forward(*batch)
     loss.backward()
     norm = v.clip(v.params) if v.clip is not None else None
-    v.opt.step()
+    v.step()
     if v.backend is not None:
         norm = v.backend.total_norm
     return norm
