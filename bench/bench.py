@@ -450,11 +450,28 @@ def check_and_warm_up(variants: dict[str, Variant], batch, args, progress) -> di
                 progress.update(1)
             if v.name in diffs:
                 diffs[v.name] = max(diffs[v.name], compare(v, ref, norm, ref_norm, i))
+            sync_to(ref, v)
     for _ in range(args.warmup):
         for v in variants.values():
             train_step(v, batch)
         progress.update(len(variants))
     return diffs
+
+
+@torch.no_grad()
+def sync_to(ref: Variant, v: Variant) -> None:
+    """Copy the reference's parameters and optimizer state into ``v``, in place (no
+    recompile). Each check step then compares one step from the same state: over several
+    steps, Adam turns tiny gradient differences (elements whose gradient is near 0, where
+    rounding differences are large relative to the gradient) into update differences of
+    the order of the learning rate, which no clipping bug is needed to explain."""
+    for p, q in zip(v.module.parameters(), ref.module.parameters()):
+        p.copy_(q)
+    for p, q in zip(v.module.parameters(), ref.module.parameters()):
+        for key, val in ref.opt.state.get(q, {}).items():
+            mine = v.opt.state[p].get(key)
+            if isinstance(val, torch.Tensor) and isinstance(mine, torch.Tensor):
+                mine.copy_(val)
 
 
 def compare(v: Variant, ref: Variant, norm, ref_norm, step: int) -> float:
