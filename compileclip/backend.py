@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,9 +14,6 @@ from .config import ClipConfig
 from .passes import insert_grad_norm_clip
 from .runtime import ClipRuntime, GraphInfo
 from .step import compile_step, is_step_graph
-
-_graph_ids = itertools.count()
-
 
 def _frame_modules() -> list[torch.nn.Module]:
     """The modules in the locals of the frame Dynamo is compiling (``self``, or the module a
@@ -167,7 +163,7 @@ class ClipBackend:
         for mod in _frame_modules():
             rt.add_params(mod.parameters())
         rt.add_params(param_idx.values())
-        graph = GraphInfo(next(_graph_ids), list(param_idx.values()))
+        graph = GraphInfo(list(param_idx.values()))
         self._graphs.append(graph)
         if not param_idx or not self.config.fuse:
             # nothing to clip in the graph: the parameter hooks start the exact

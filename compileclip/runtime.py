@@ -96,8 +96,7 @@ def nonfinite_error(norm_type: float) -> RuntimeError:
 class GraphInfo:
     """One compiled Dynamo graph: the trainable parameters it takes as inputs."""
 
-    def __init__(self, gid: int, params: list[torch.nn.Parameter]) -> None:
-        self.gid = gid
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
         self.param_ids = frozenset(id(p) for p in params)
 
 
@@ -128,7 +127,6 @@ class ClipRuntime:
         self.expected: dict[int, torch.Tensor] = {}
         self.foreign: list[int] = []
         self.mixed: list[int] = []
-        self.graphs_run = 0
 
     def add_params(self, params: Iterable[torch.nn.Parameter]) -> None:
         for p in params:
@@ -184,7 +182,6 @@ class ClipRuntime:
 
     def begin_backward_graph(self, graph: GraphInfo) -> bool:
         """Called as a compiled backward graph starts; returns whether it must clip."""
-        self.graphs_run += 1
         tid = torch._C._current_graph_task_id()
         if tid != self.task_id or self.mode is None:
             self._start_backward(tid, graph)
