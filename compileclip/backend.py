@@ -94,7 +94,8 @@ class _ClippedBackward:
         total = outs.pop()
         if clip:
             rt.total_norm = total.clone() if self.cudagraphs else total
-        rt.expect({key: outs[pos] for pos, key in self.grad_params if outs[pos] is not None})
+        if rt.checking:
+            rt.expect({key: outs[pos] for pos, key in self.grad_params if outs[pos] is not None})
         return outs
 
 
@@ -106,7 +107,8 @@ class ClipBackend:
     total norm as a 0-d float32 device tensor (no host sync). Where the fused path cannot be
     exact (graph breaks, several forwards per backward, accumulated ``.grad``, gradients from
     outside the compiled region), the clip runs over the final ``.grad`` at the end of the
-    backward instead, with a one-time warning.
+    backward instead, with a one-time warning. Given to ``torch.compile(opt.step, ...)``, it
+    clips inside the compiled optimizer step instead (``compileclip.step``).
     """
 
     def __init__(self, config: ClipConfig) -> None:

@@ -252,9 +252,15 @@ class ClipRuntime:
             )
         return not clipped
 
+    @property
+    def checking(self) -> bool:
+        """Whether the hooks check this backward's gradients against the graph's outputs."""
+        return self.mode in ("fused", "probe")
+
     def expect(self, grads: dict[int, torch.Tensor]) -> None:
-        if self.mode in ("fused", "probe"):
-            self.expected.update(grads)
+        """The graph's gradient outputs, held until each parameter's hook has seen what
+        arrived (holding them also keeps autograd from summing into them in place)."""
+        self.expected.update(grads)
 
     def _on_grad(self, key: int, grad: torch.Tensor) -> None:
         if self.mode is None and not self.accumulating:
@@ -262,7 +268,7 @@ class ClipRuntime:
             if compiled_autograd_active():
                 raise RuntimeError(COMPILED_AUTOGRAD_ERROR)
             self._start_backward(torch._C._current_graph_task_id(), None)
-        if self.mode not in ("fused", "probe"):
+        if not self.checking:
             return
         exp = self.expected.pop(key, None)
         if exp is None:
