@@ -330,11 +330,14 @@ class ClipRuntime:
         if not params:
             self.total_norm = None
             return
-        grads = [p.grad for p in params]
+        self.clip_(p.grad for p in params)
+
+    def clip_(self, grads) -> None:
+        """Eager clip_grad_norm_ of ``grads`` in place (norm in float32); sets total_norm."""
+        grads = list(grads)
         total = total_norm_fp32(grads, self.config.norm_type)
         self.total_norm = total
         if self.config.error_if_nonfinite and not bool(torch.isfinite(total)):
             raise nonfinite_error(self.config.norm_type)
-        max_norm = self.max_norm_on(total.device)
-        coef = torch.clamp(max_norm / (total + _EPS), max=1.0)
+        coef = torch.clamp(self.max_norm_on(total.device) / (total + _EPS), max=1.0)
         scale_grads_(grads, coef)

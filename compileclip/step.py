@@ -119,16 +119,8 @@ class _EagerClippedStep:
         self.grad_positions = grad_positions
 
     def __call__(self, *args: Any) -> Any:
-        from .runtime import _EPS, scale_grads_, total_norm_fp32
-
-        rt = self.runtime
-        if not rt.begin_step():
-            return self.compiled(*args)
-        grads = [args[i] for i in self.grad_positions]
-        total = total_norm_fp32(grads, rt.config.norm_type)
-        coef = torch.clamp(rt.max_norm_on(total.device) / (total + _EPS), max=1.0)
-        scale_grads_(grads, coef)
-        rt.total_norm = total
+        if self.runtime.begin_step():
+            self.runtime.clip_(args[i] for i in self.grad_positions)
         return self.compiled(*args)
 
 
