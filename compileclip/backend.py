@@ -87,12 +87,12 @@ class _ClippedBackward:
     def __call__(self, args: list[Any]) -> Any:
         rt = self.runtime
         clip = rt.begin_backward_graph(self.graph)
-        full = [*args, rt.max_norm_on(self.device), rt.enabled_on(self.device, clip)]
+        full = [*args, *rt.graph_inputs(self.device, clip)]
         args.clear()  # boxed convention: the callee owns the inputs
         outs = self.compiled(full)
         outs = list(outs)
         total = outs.pop()
-        if clip:
+        if clip and rt.config.max_norm is not None:
             rt.total_norm = total.clone() if self.cudagraphs else total
         if rt.checking:
             rt.expect({key: outs[pos] for pos, key in self.grad_params if outs[pos] is not None})
@@ -111,15 +111,29 @@ class ClipBackend:
     clips inside the compiled optimizer step instead (``compileclip.step``).
     """
 
-    def __init__(self, config: ClipConfig) -> None:
+    def __init__(self, config: ClipConfig, scaler=None) -> None:
         self.config = config
         self._runtime = ClipRuntime(config)
         self._graphs: list[GraphInfo] = []
+        if scaler is not None:
+            if not isinstance(scaler, torch.amp.GradScaler):
+                raise TypeError(
+                    "scaler must be a torch.amp.GradScaler (or torch.cuda.amp.GradScaler) or "
+                    f"None, got {type(scaler).__name__}"
+                )
+            if scaler.is_enabled():  # a disabled scaler leaves the gradients unscaled
+                self._runtime.scaler = scaler
 
     # -- public state ---------------------------------------------------------------------
     @property
     def total_norm(self) -> torch.Tensor:
-        """Pre-clip total norm of the last clipped backward (0-d float32, grads' device)."""
+        """Pre-clip total norm of the last clip (0-d float32, grads' device). With a
+        GradScaler attached, the norm of the unscaled gradients."""
+        if not self.config.computes_norm:
+            raise RuntimeError(
+                "compileclip: clip_backend(max_norm=None, clip_value=...) clips values only "
+                "and computes no total norm (eager clip_grad_value_ returns None too)"
+            )
         if self._runtime.total_norm is None:
             if not self._graphs:
                 raise RuntimeError(
@@ -132,8 +146,18 @@ class ClipBackend:
         return self._runtime.total_norm
 
     @property
-    def max_norm(self) -> float | torch.Tensor:
+    def max_norm(self) -> float | torch.Tensor | None:
         return self.config.max_norm
+
+    @property
+    def skipped_steps(self) -> torch.Tensor:
+        """How many compiled optimizer steps left the parameters untouched because the total
+        norm was nan/inf (``skip_nonfinite=True``) or, with a GradScaler attached, the scaled
+        gradients overflowed. A 0-d int64 device tensor, updated without a host sync."""
+        rt = self._runtime
+        if rt.skipped_steps is None:
+            return torch.zeros((), dtype=torch.int64)
+        return rt.skipped_steps
 
     @property
     def stats(self) -> dict[str, int]:
@@ -184,11 +208,14 @@ class ClipBackend:
     def _clip_backward(self, graph: GraphInfo, param_idx, gm: fx.GraphModule, example_inputs, **kwargs):
         """Rewrite a partitioned backward graph; returns (gm, extra inputs, wrap fn)."""
         positions = _grad_positions(gm, param_idx)
-        insert_grad_norm_clip(
+        insertion = insert_grad_norm_clip(
             gm,
             [pos for pos, _ in positions],
             self.config.norm_type,
             guard_nonfinite=self.config.error_if_nonfinite,
+            clip_norm=self.config.max_norm is not None,
+            clip_value=self.config.clip_value is not None,
+            unscale=self._runtime.scaler is not None,
         )
         from torch._guards import detect_fake_mode
 
@@ -197,8 +224,8 @@ class ClipBackend:
         device = out.args[0][-1].meta["val"].device
         with fake_mode:
             extra = [
-                torch.empty((), dtype=torch.float32, device=device),
-                torch.empty((), dtype=torch.bool, device=device),
+                torch.empty((), dtype=torch.bool if name == "clip_enabled" else torch.float32, device=device)
+                for name in insertion.placeholders
             ]
         grad_params = [(pos, id(param_idx[idx])) for pos, idx in positions]
         cudagraphs = kwargs.get("cudagraphs")
@@ -243,24 +270,33 @@ class ClipBackend:
 
 
 def clip_backend(
-    max_norm: float | torch.Tensor,
+    max_norm: float | torch.Tensor | None = None,
     norm_type: float | str = 2.0,
     error_if_nonfinite: bool = False,
     *,
+    clip_value: float | None = None,
+    skip_nonfinite: bool = False,
+    scaler: torch.amp.GradScaler | None = None,
     inner: str = "inductor",
     fuse: bool = True,
     step_writes_grad: bool = True,
 ) -> ClipBackend:
-    """A ``torch.compile`` backend that clips gradients like ``clip_grad_norm_``::
+    """A ``torch.compile`` backend that clips gradients like ``clip_grad_norm_`` (and/or
+    ``clip_grad_value_`` with ``clip_value``)::
 
         clip = clip_backend(max_norm=1.0)
         model = torch.compile(model, backend=clip)
         loss_fn(model(x), y).backward()   # .grad is clipped
         clip.total_norm                    # pre-clip norm, device tensor, no sync
 
-    Arguments are validated here, before anything compiles (see ``ClipConfig``).
+    ``scaler``: the ``torch.amp.GradScaler`` that scales the loss. The clip then applies to
+    the unscaled gradients, as eager ``scaler.unscale_(opt); clip_grad_norm_(...)`` does
+    (see the README for the loop). Arguments are validated here, before anything compiles
+    (see ``ClipConfig``).
     """
     return ClipBackend(
         ClipConfig(max_norm=max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite,
-                   inner=inner, fuse=fuse, step_writes_grad=step_writes_grad)
+                   clip_value=clip_value, skip_nonfinite=skip_nonfinite,
+                   inner=inner, fuse=fuse, step_writes_grad=step_writes_grad),
+        scaler=scaler,
     )

@@ -33,7 +33,9 @@ def _normalize_norm_type(norm_type: object) -> float:
     return p
 
 
-def _check_max_norm(max_norm: object) -> float | torch.Tensor:
+def _check_max_norm(max_norm: object) -> float | torch.Tensor | None:
+    if max_norm is None:
+        return None
     if isinstance(max_norm, torch.Tensor):
         if max_norm.dim() != 0 or not max_norm.is_floating_point():
             raise TypeError(
@@ -53,12 +55,32 @@ def _check_max_norm(max_norm: object) -> float | torch.Tensor:
     return max_norm if isinstance(max_norm, torch.Tensor) else value
 
 
+def _check_clip_value(clip_value: object) -> float | None:
+    if clip_value is None:
+        return None
+    if isinstance(clip_value, bool) or not isinstance(clip_value, numbers.Real):
+        raise TypeError(
+            "clip_value must be a float > 0 or None, got "
+            f"{type(clip_value).__name__} {clip_value!r}"
+        )
+    value = float(clip_value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"clip_value={value!r} is not allowed: it must be a finite number > 0")
+    return value
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ClipConfig:
     """What to clip and how, with the names of ``torch.nn.utils.clip_grad_norm_``.
 
     ``max_norm``: a float >= 0, or a 0-d floating point tensor whose value may be changed
-    in place between steps (it is a graph input, so no recompile happens).
+    in place between steps (it is a graph input, so no recompile happens); ``None`` for no
+    norm clipping (then ``clip_value`` must be given).
     ``norm_type``: a float p > 0, ``math.inf`` or ``'inf'``.
     ``error_if_nonfinite``: raise like eager when the total norm is nan/inf; this costs one
     host sync per backward, the default does not sync.
@@ -66,15 +88,24 @@ class ClipConfig:
     (debugging: no Inductor, same graphs).
     ``fuse``: ``False`` always takes the unfused path (clip over the final ``.grad`` at the
     end of each backward), for debugging and comparison.
+    ``clip_value``: also clip every gradient element to ``[-clip_value, clip_value]`` like
+    ``clip_grad_value_``. With ``max_norm`` too, the norm clip applies first and the value
+    clip to its result: eager ``clip_grad_norm_(ps, max_norm); clip_grad_value_(ps, v)``, so
+    ``total_norm`` is always the norm of the gradients as the backward produced them.
+    ``skip_nonfinite``: where the clip runs in a compiled optimizer step, leave the
+    parameters and the optimizer state untouched for a step whose total norm is nan/inf,
+    decided on the device (no host sync), and count such steps in ``skipped_steps``.
     ``step_writes_grad``: where the clip runs inside a compiled optimizer step
     (``torch.compile(opt.step, backend=clip)``), also store the clipped gradient into
     ``.grad``, as eager ``clip_grad_norm_`` leaves it. ``False`` skips that write (the update
     is the same) when nothing reads ``.grad`` after the step.
     """
 
-    max_norm: float | torch.Tensor
+    max_norm: float | torch.Tensor | None
     norm_type: float = 2.0
     error_if_nonfinite: bool = False
+    clip_value: float | None = None
+    skip_nonfinite: bool = False
     inner: str = "inductor"
     fuse: bool = True
     step_writes_grad: bool = True
@@ -82,17 +113,34 @@ class ClipConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_norm", _check_max_norm(self.max_norm))
         object.__setattr__(self, "norm_type", _normalize_norm_type(self.norm_type))
-        if not isinstance(self.error_if_nonfinite, bool):
-            raise TypeError(
-                "error_if_nonfinite must be a bool, got "
-                f"{type(self.error_if_nonfinite).__name__} {self.error_if_nonfinite!r}"
+        object.__setattr__(self, "clip_value", _check_clip_value(self.clip_value))
+        for name in ("error_if_nonfinite", "skip_nonfinite", "fuse", "step_writes_grad"):
+            _check_bool(name, getattr(self, name))
+        if self.max_norm is None and self.clip_value is None:
+            raise ValueError(
+                "max_norm=None and clip_value=None: give max_norm (clip by the total norm), "
+                "clip_value (clip each element) or both"
             )
-        if not isinstance(self.fuse, bool):
-            raise TypeError(f"fuse must be a bool, got {type(self.fuse).__name__} {self.fuse!r}")
-        if not isinstance(self.step_writes_grad, bool):
-            raise TypeError(
-                "step_writes_grad must be a bool, got "
-                f"{type(self.step_writes_grad).__name__} {self.step_writes_grad!r}"
+        if self.error_if_nonfinite and self.skip_nonfinite:
+            raise ValueError(
+                "error_if_nonfinite=True and skip_nonfinite=True are two policies for the same "
+                "event: choose one (raise with a host sync, or skip the step on the device)"
+            )
+        if self.error_if_nonfinite and self.max_norm is None:
+            raise ValueError(
+                "error_if_nonfinite=True needs max_norm: it checks the total norm, which "
+                "value clipping alone (clip_value) does not compute"
+            )
+        if self.skip_nonfinite and not self.fuse:
+            raise ValueError(
+                "skip_nonfinite=True needs fuse=True: the skip is decided inside the compiled "
+                "optimizer step"
             )
         if self.inner not in _INNER:
             raise ValueError(f"inner={self.inner!r} is not supported: choose one of {_INNER}")
+
+    @property
+    def computes_norm(self) -> bool:
+        """Whether the clip computes a total norm: for norm clipping, and for the nonfinite
+        skip (which decides on the norm). Value clipping alone does not need one."""
+        return self.max_norm is not None or self.skip_nonfinite

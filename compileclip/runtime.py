@@ -114,6 +114,8 @@ class ClipRuntime:
         self._unfusable_reason = ""
         self._warned: set[str] = set()
         self.mode_counts = {"fused": 0, "probe": 0, "deferred": 0, "off": 0, "step": 0}
+        self.scaler = None  # an enabled torch.amp.GradScaler whose scaled gradients we clip
+        self.skipped_steps: torch.Tensor | None = None  # device counter (skip_nonfinite / AMP)
         self.step_compiled = False  # a compiled optimizer step clips: backwards do not
         self.clipped_since_step = 0  # backwards that clipped since the last compiled step
         self._reset()
@@ -167,6 +169,41 @@ class ClipRuntime:
             t = self._max_norm[device] = torch.tensor(mn, dtype=torch.float32, device=device)
         return t
 
+    def _const(self, key, value, dtype, device: torch.device) -> torch.Tensor:
+        t = self._enabled.get((key, device))
+        if t is None:
+            t = self._enabled[(key, device)] = torch.tensor(value, dtype=dtype, device=device)
+        return t
+
+    def scale_on(self, device: torch.device) -> torch.Tensor:
+        """The attached GradScaler's current scale (1 before its first ``scale()``)."""
+        scale = getattr(self.scaler, "_scale", None)
+        if scale is None:
+            return self._const("one", 1.0, torch.float32, device)
+        return scale if scale.device == device else scale.to(device, non_blocking=True)
+
+    def graph_inputs(self, device: torch.device, clip: bool, scale: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The runtime inputs the passes add, in their order: max_norm, enabled, then
+        clip_value and the GradScaler's scale where configured (``scale`` overrides the
+        scaler's current one; the step passes 1 when ``unscale_`` already ran)."""
+        cfg = self.config
+        if cfg.max_norm is None:
+            max_norm = self._const("inf", math.inf, torch.float32, device)  # not read
+        else:
+            max_norm = self.max_norm_on(device)
+        out = [max_norm, self.enabled_on(device, clip)]
+        if cfg.clip_value is not None:
+            out.append(self._const("value", cfg.clip_value, torch.float32, device))
+        if self.scaler is not None:
+            out.append(self.scale_on(device) if scale is None else scale)
+        return out
+
+    def count_skipped(self, nonfinite: torch.Tensor) -> None:
+        """Add a step's nonfinite flag (0-d float 0/1) to the device counter, no sync."""
+        if self.skipped_steps is None:
+            self.skipped_steps = torch.zeros((), dtype=torch.int64, device=nonfinite.device)
+        self.skipped_steps.add_(nonfinite > 0)
+
     def enabled_on(self, device: torch.device, flag: bool) -> torch.Tensor:
         t = self._enabled.get((device, flag))
         if t is None:
@@ -207,6 +244,13 @@ class ClipRuntime:
         if self.step_compiled:
             self.mode = "step"  # the compiled optimizer step clips the final .grad
             return
+        if self.config.skip_nonfinite and self.clipped_since_step:
+            raise RuntimeError(
+                "compileclip: skip_nonfinite=True skips updates inside an optimizer step "
+                "compiled with this backend, but a second backward ran and no such step has: "
+                "compile the step too (step = torch.compile(opt.step, backend=clip)), or "
+                "use skip_nonfinite=False"
+            )
         reason = self._why_not_fused(graph)
         if reason is None:
             self.mode = "fused" if self.fusable else "probe"
@@ -332,12 +376,34 @@ class ClipRuntime:
             return
         self.clip_(p.grad for p in params)
 
-    def clip_(self, grads) -> None:
-        """Eager clip_grad_norm_ of ``grads`` in place (norm in float32); sets total_norm."""
+    def clip_(self, grads, *, unscaled: bool = False) -> None:
+        """Eager clipping of ``grads`` in place: ``clip_grad_norm_`` (norm in float32; sets
+        total_norm), then ``clip_grad_value_``, as configured. With a GradScaler attached and
+        ``unscaled=False`` the gradients are still scaled: the norm is taken of ``g / scale``
+        and the value bound is ``clip_value * scale``, so ``GradScaler.step`` sees eager's
+        clipped gradients once it unscales them."""
+        cfg = self.config
         grads = list(grads)
-        total = total_norm_fp32(grads, self.config.norm_type)
-        self.total_norm = total
-        if self.config.error_if_nonfinite and not bool(torch.isfinite(total)):
-            raise nonfinite_error(self.config.norm_type)
-        coef = torch.clamp(self.max_norm_on(total.device) / (total + _EPS), max=1.0)
-        scale_grads_(grads, coef)
+        if not grads:
+            return
+        scale = None
+        if self.scaler is not None and not unscaled and getattr(self.scaler, "_scale", None) is not None:
+            scale = self.scaler._scale
+        if cfg.computes_norm:
+            total = total_norm_fp32(grads, cfg.norm_type)
+            if scale is not None:  # every p-norm is homogeneous: ||g / s|| = ||g|| / s
+                total = total * scale.double().reciprocal().float().to(total.device)
+            self.total_norm = total
+            if cfg.error_if_nonfinite and not bool(torch.isfinite(total)):
+                raise nonfinite_error(cfg.norm_type)
+            if cfg.max_norm is not None:
+                coef = torch.clamp(self.max_norm_on(total.device) / (total + _EPS), max=1.0)
+                scale_grads_(grads, coef)
+        if cfg.clip_value is not None:
+            if scale is None:
+                torch._foreach_clamp_min_(grads, -cfg.clip_value)
+                torch._foreach_clamp_max_(grads, cfg.clip_value)
+            else:
+                for g in grads:
+                    bound = (scale * cfg.clip_value).to(g.device)
+                    g.clamp_(min=-bound, max=bound)

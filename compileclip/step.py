@@ -17,12 +17,13 @@ step run with ``enabled=False``, so the gradients are clipped exactly once per s
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
 
-from .passes import grad_placeholders, insert_step_clip
+from .passes import grad_placeholders, guard_input_mutations, insert_step_clip
 
 if TYPE_CHECKING:
     from .backend import ClipBackend
@@ -45,13 +46,13 @@ def _frame_optimizers() -> list[torch.optim.Optimizer]:
     return [v for v in f_locals.values() if isinstance(v, torch.optim.Optimizer)]
 
 
-def _check_coverage(grad_inputs: list[torch.Tensor]) -> None:
+def _check_coverage(grad_inputs: list[torch.Tensor], optimizers: list[torch.optim.Optimizer]) -> None:
     """The norm must cover every gradient the optimizer updates with, as eager
     ``clip_grad_norm_`` over the optimizer's parameters does. A step split into several graphs
     would give each a partial norm: refuse that instead of clipping wrongly. Dynamo guards on
     which ``.grad`` are None, so a check at compile time holds for every run of the graph."""
     seen = {id(g) for g in grad_inputs}
-    for opt in _frame_optimizers():
+    for opt in optimizers:
         missing = [
             p for group in opt.param_groups for p in group["params"]
             if p.grad is not None and id(p.grad) not in seen
@@ -87,80 +88,183 @@ def _copy_dynamo_graph(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 class _ClippedStep:
-    """Calls the compiled step graph with ``max_norm`` as its last input and strips the total
-    norm it returns into the runtime (no host sync)."""
+    """Calls the compiled step graph with the clip's runtime inputs (``max_norm``, the
+    enabled flag, and where configured ``clip_value`` and the GradScaler's scale) and strips
+    the two outputs it adds: the total norm (into the runtime, no host sync) and the
+    nonfinite flag (GradScaler's ``found_inf``, and the skipped-step counter)."""
 
-    def __init__(self, compiled, backend: ClipBackend, device: torch.device) -> None:
+    def __init__(self, compiled, backend: ClipBackend, device: torch.device, optimizer, guarded: bool) -> None:
         self.compiled = compiled
         self.runtime = backend._runtime
         self.device = device
+        self.optimizer = weakref.ref(optimizer) if optimizer is not None else None
+        self.guarded = guarded
 
     def __call__(self, *args: Any) -> Any:
         rt = self.runtime
+        amp_state = None
+        scale = None
+        if rt.scaler is not None:
+            amp_state, scale = _amp_begin(rt.scaler, self.optimizer, self.device)
         clip = rt.begin_step()
-        full = [*args, rt.max_norm_on(self.device), rt.enabled_on(self.device, clip)]
+        full = [*args, *rt.graph_inputs(self.device, clip, scale=scale)]
         # Dynamo calls what a backend returns with *args, whatever ``_boxed_call`` says
         # (aot_module_simplified's unboxed forward copies that attribute from its callee)
-        outs = self.compiled(*full)
-        outs = list(outs)
+        outs = list(self.compiled(*full))
+        nonfinite = outs.pop()
         total = outs.pop()
-        if clip:
+        if clip and rt.config.computes_norm:
             rt.total_norm = total
+        if self.guarded:
+            rt.count_skipped(nonfinite)
+        if amp_state is not None:
+            from torch.amp.grad_scaler import OptState
+
+            amp_state["found_inf_per_device"][self.device] = nonfinite
+            amp_state["stage"] = OptState.STEPPED
         return outs
 
 
-class _EagerClippedStep:
-    """``fuse=False``: eager ``clip_grad_norm_`` over the gradient inputs, then the compiled
-    step without a clip (for comparison and debugging)."""
+def _amp_begin(scaler, optimizer_ref, device: torch.device):
+    """GradScaler bookkeeping before a compiled step with a scaler attached. Returns the
+    optimizer's per-optimizer state to record ``found_inf`` into (None if ``unscale_``
+    already ran: then the scaler has decided) and the scale to divide the gradients by."""
+    from torch.amp.grad_scaler import OptState
 
-    def __init__(self, compiled, backend: ClipBackend, grad_positions: list[int]) -> None:
+    opt = optimizer_ref() if optimizer_ref is not None else None
+    if opt is None:
+        raise RuntimeError(
+            "compileclip: a GradScaler is attached to this clip backend, but the compiled "
+            "step's optimizer could not be identified; compile `opt.step` itself"
+        )
+    state = scaler._per_optimizer_states[id(opt)]
+    if state["stage"] is OptState.STEPPED:
+        raise RuntimeError(
+            "compileclip: the optimizer already stepped since the last scaler.update(); call "
+            "scaler.update() after each step (and do not call scaler.step(opt) as well)"
+        )
+    if state["stage"] is OptState.UNSCALED:
+        # scaler.unscale_(opt) (or scaler.step(opt), which calls this step only when no
+        # inf was found) already unscaled the gradients and recorded found_inf
+        return None, torch.ones((), dtype=torch.float32, device=device)
+    if scaler._scale is None:
+        raise RuntimeError(
+            "compileclip: the attached GradScaler has no scale yet: the loss must be scaled "
+            "with scaler.scale(loss).backward() before the step"
+        )
+    return state, scaler._scale
+
+
+class _EagerClippedStep:
+    """``fuse=False``: eager clipping over the gradient inputs, then the compiled step
+    without a clip (for comparison and debugging). With a GradScaler: ``unscale_`` and the
+    skip decision as ``GradScaler.step`` makes them (this syncs with the host)."""
+
+    def __init__(self, compiled, backend: ClipBackend, grad_positions: list[int], optimizer) -> None:
         self.compiled = compiled
         self.runtime = backend._runtime
         self.grad_positions = grad_positions
+        self.optimizer = weakref.ref(optimizer) if optimizer is not None else None
 
     def __call__(self, *args: Any) -> Any:
-        if self.runtime.begin_step():
-            self.runtime.clip_(args[i] for i in self.grad_positions)
+        rt = self.runtime
+        grads = [args[i] for i in self.grad_positions]
+        scaler = rt.scaler
+        if scaler is not None:
+            amp_state, _ = _amp_begin(scaler, self.optimizer, grads[0].device)
+            if amp_state is not None:
+                from torch.amp.grad_scaler import OptState
+
+                scaler.unscale_(self.optimizer())
+                amp_state["stage"] = OptState.STEPPED
+                found = sum(float(v) for v in amp_state["found_inf_per_device"].values())
+                if rt.begin_step():
+                    rt.clip_(grads, unscaled=True)
+                if found:
+                    return None
+                return self.compiled(*args)
+        if rt.begin_step():
+            rt.clip_(grads, unscaled=True)
         return self.compiled(*args)
 
 
-def _compile(config, gm: fx.GraphModule, inputs: list[Any]):
+def _compile(config, gm: fx.GraphModule, inputs: list[Any], guard=None):
+    """Compile a step graph; ``guard`` (if given) rewrites the aten-level inference graph
+    AOTAutograd produces, as ``guard(graph, inner_inputs)``."""
     from .backend import _no_autograd_cache
 
     with _no_autograd_cache():
         if config.inner == "aot_eager":
-            return torch._dynamo.lookup_backend("aot_eager")(gm, inputs)
-        from torch._inductor.compile_fx import compile_fx
+            if guard is None:
+                return torch._dynamo.lookup_backend("aot_eager")(gm, inputs)
+            from torch._dynamo.backends.common import aot_autograd
+            from torch._functorch.aot_autograd import make_boxed_func
 
-        return compile_fx(gm, inputs)
+            def fw(g, inner_inputs):
+                guard(g, inner_inputs)
+                return make_boxed_func(g.forward)
+
+            return aot_autograd(fw_compiler=fw)(gm, inputs)
+        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+        if guard is None:
+            return compile_fx(gm, inputs)
+
+        def inner_compile(g, inner_inputs, **kwargs):
+            if not kwargs.get("is_backward", False):
+                guard(g, inner_inputs)
+            return compile_fx_inner(g, inner_inputs, **kwargs)
+
+        return compile_fx(gm, inputs, inner_compile=inner_compile)
 
 
 def compile_step(backend: ClipBackend, gm: fx.GraphModule, example_inputs: list[Any]):
     """Compile a Dynamo step graph with the clip inserted (see the module docstring)."""
     config = backend.config
+    rt = backend._runtime
     if config.error_if_nonfinite:
         # eager raises before the update; inside one step graph that needs a host sync
         # between the norm and the update, which would split the fused step
         raise NotImplementedError(
             "compileclip: error_if_nonfinite=True is not supported for a compiled optimizer "
             "step (it would raise after the parameters were updated). Use "
-            "error_if_nonfinite=False, or clip_grad_norm_(..., error_if_nonfinite=True) "
-            "before an uncompiled-clip step."
+            "skip_nonfinite=True (skip the update on the device), or "
+            "clip_grad_norm_(..., error_if_nonfinite=True) before an uncompiled-clip step."
         )
-    backend._runtime.step_compiled = True
+    rt.step_compiled = True
     grads = grad_placeholders(gm)
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     grad_positions = [placeholders.index(g) for g in grads]
     grad_inputs = [example_inputs[i] for i in grad_positions]
-    _check_coverage(grad_inputs)
+    optimizers = _frame_optimizers()
+    _check_coverage(grad_inputs, optimizers)
+    optimizer = optimizers[0] if len(optimizers) == 1 else None
     if not config.fuse:
-        return _EagerClippedStep(_compile(config, gm, example_inputs), backend, grad_positions)
+        return _EagerClippedStep(_compile(config, gm, example_inputs), backend, grad_positions, optimizer)
     gm = _copy_dynamo_graph(gm)
     grads = grad_placeholders(gm)
     device = grad_inputs[0].device
-    # TODO(issue 3): when this backend also compiled the model, the backward could compute
-    # the norm where the gradients are produced and the step only fold the coefficient in.
-    insert_step_clip(gm, grads, config.norm_type, write_grad=config.step_writes_grad)
-    rt = backend._runtime
-    inputs = [*example_inputs, rt.max_norm_on(device), rt.enabled_on(device, True)]
-    return _ClippedStep(_compile(config, gm, inputs), backend, device)
+    amp = rt.scaler is not None
+    guarded = config.skip_nonfinite or amp
+    insert_step_clip(
+        gm, grads, config.norm_type,
+        clip_norm=config.max_norm is not None,
+        compute_norm=guarded,
+        clip_value=config.clip_value is not None,
+        unscale=amp,
+        write_grad=config.step_writes_grad,
+    )
+    inputs = [*example_inputs, *rt.graph_inputs(device, True)]
+    n_dynamo = len(inputs)
+
+    def guard(g: fx.GraphModule, inner_inputs: list[Any]) -> None:
+        # AOTAutograd puts the graph module's own parameters and buffers (the optimizer
+        # state Dynamo installed as attributes) before the Dynamo placeholders
+        offset = len(inner_inputs) - n_dynamo
+        if offset < 0:
+            raise RuntimeError("compileclip: unexpected inputs of the compiled step graph")
+        guard_input_mutations(g, -1, exclude=[offset + i for i in grad_positions])
+
+    compiled = _compile(config, gm, inputs, guard if guarded else None)
+    return _ClippedStep(compiled, backend, device, optimizer, guarded)
+

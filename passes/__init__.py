@@ -11,15 +11,22 @@ On a Dynamo graph of a compiled optimizer step (before AOTAutograd):
 - ``clip_step.insert_step_clip``: total norm of the gradient placeholders, every use of a
   gradient replaced by the scaled gradient, optional write-back into ``.grad``, the norm as
   an extra output.
+
+On the aten-level inference graph AOTAutograd makes of that step graph:
+
+- ``guard_step.guard_input_mutations``: every write into an input (parameters, optimizer
+  state) kept only where a device-side flag says so, for skipping nonfinite steps.
 """
 
 from .clip_norm import ClipInsertion, insert_grad_norm_clip
 from .clip_step import StepClipInsertion, grad_placeholders, insert_step_clip
+from .guard_step import guard_input_mutations
 
 __all__ = [
     "ClipInsertion",
     "StepClipInsertion",
     "grad_placeholders",
+    "guard_input_mutations",
     "insert_grad_norm_clip",
     "insert_step_clip",
 ]

@@ -36,11 +36,12 @@ EPS = 1e-6
 
 @dataclasses.dataclass(frozen=True)
 class ClipInsertion:
-    """What ``insert_grad_norm_clip`` changed: how many gradients it scales and the names of
-    the placeholders it added (max norm, enabled flag), in the order the caller passes them."""
+    """What ``insert_grad_norm_clip`` changed: how many gradients it clips and the names of
+    the placeholders it added, in the order the caller passes them (``clip_max_norm``,
+    ``clip_enabled``, then ``clip_value`` and ``clip_scale`` where requested)."""
 
     num_grads: int
-    placeholders: tuple[str, str]
+    placeholders: tuple[str, ...]
 
 
 class _Builder:
@@ -69,8 +70,10 @@ class _Builder:
         return node
 
 
-def _partial_norm(b: _Builder, g: fx.Node, p: float) -> fx.Node:
-    """sum(|g|^p) (or max |g| for p = inf) of one gradient, in float32."""
+def _partial_norm(b: _Builder, g: fx.Node, p: float, inv: fx.Node | None = None) -> fx.Node:
+    """sum(|g|^p) (or max |g| for p = inf) of one gradient (times ``inv``), in float32."""
+    if inv is not None:  # unscale in the gradient's dtype, as GradScaler.unscale_ does
+        g = b(aten.mul.Tensor, g, inv)
     if g.meta["val"].dtype != torch.float32:
         g = b(prims.convert_element_type.default, g, torch.float32)
     if math.isinf(p):
@@ -87,13 +90,22 @@ def insert_grad_norm_clip(
     norm_type: float,
     *,
     guard_nonfinite: bool = False,
+    clip_norm: bool = True,
+    clip_value: bool = False,
+    unscale: bool = False,
 ) -> ClipInsertion:
     """Clip the outputs at ``grad_indices`` of ``gm`` by their joint ``norm_type``-norm.
 
     ``guard_nonfinite`` leaves the gradients unscaled when the total norm is nan/inf (for
     ``error_if_nonfinite=True``, where the caller raises afterwards, as eager does before
-    it scales anything). Returns what was inserted; with no gradients it still adds the
-    placeholders and a zero norm so the calling convention does not depend on the graph.
+    it scales anything). ``clip_norm=False`` skips the norm (the norm output is 0).
+    ``clip_value`` adds a ``clip_value`` placeholder (0-d float32, > 0) and clamps every
+    element of the (norm-clipped) gradients to ``[-clip_value, clip_value]``.
+    ``unscale`` adds a ``clip_scale`` placeholder (0-d float32, a GradScaler's scale): the
+    gradients are still multiplied by it, so the norm is taken of ``g / scale`` and the value
+    bound is ``clip_value * scale``; the outputs stay scaled for ``GradScaler.step``.
+    Returns what was inserted; with no gradients it still adds the placeholders and a zero
+    norm so the calling convention does not depend on the graph.
     """
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -107,17 +119,33 @@ def insert_grad_norm_clip(
         raise ValueError(f"grad_indices {list(grad_indices)} select outputs that are not tensors")
     device = grads[0].meta["val"].device if grads else torch.device("cpu")
 
-    with graph.inserting_after(placeholders[-1]):
-        enabled = graph.placeholder("clip_enabled")
-    with graph.inserting_after(placeholders[-1]):
-        max_norm = graph.placeholder("clip_max_norm")
-    with fake_mode:
-        max_norm.meta["val"] = torch.empty((), dtype=torch.float32, device=device)
-        enabled.meta["val"] = torch.empty((), dtype=torch.bool, device=device)
+    names = ["clip_max_norm", "clip_enabled"]
+    if clip_value:
+        names.append("clip_value")
+    if unscale:
+        names.append("clip_scale")
+    added = {}
+    anchor = placeholders[-1]
+    for name in names:
+        with graph.inserting_after(anchor):
+            anchor = added[name] = graph.placeholder(name)
+        with fake_mode:
+            dtype = torch.bool if name == "clip_enabled" else torch.float32
+            anchor.meta["val"] = torch.empty((), dtype=dtype, device=device)
+    max_norm, enabled = added["clip_max_norm"], added["clip_enabled"]
+
+    def full(value: float) -> fx.Node:
+        return b(aten.full.default, [], value, dtype=torch.float32, device=device, pin_memory=False)
 
     p = float(norm_type)
-    if grads:
-        partials = [_partial_norm(b, g, p) for g in grads]
+    inv = None
+    if unscale:
+        # GradScaler.unscale_'s inverse: reciprocal in float64, then float32
+        scale64 = b(prims.convert_element_type.default, added["clip_scale"], torch.float64)
+        inv = b(prims.convert_element_type.default, b(aten.reciprocal.default, scale64), torch.float32)
+    total = None
+    if grads and clip_norm:
+        partials = [_partial_norm(b, g, p, inv) for g in grads]
         # a chain of pointwise ops on 0-d tensors, which Inductor fuses into one kernel
         # (aten.stack has no lowering, only a decomposition)
         combine = aten.maximum.default if math.isinf(p) else aten.add.Tensor
@@ -131,7 +159,7 @@ def insert_grad_norm_clip(
                 total = b(aten.pow.Tensor_Scalar, total, 1.0 / p)
         coef = b(aten.div.Tensor, max_norm, b(aten.add.Tensor, total, EPS))
         coef = b(aten.clamp_max.default, coef, 1.0)
-        one = b(aten.full.default, [], 1.0, dtype=torch.float32, device=device, pin_memory=False)
+        one = full(1.0)
         if guard_nonfinite:
             # |total| < inf is false for nan and inf (aten.isfinite has no Inductor lowering)
             finite = b(aten.lt.Scalar, b(aten.abs.default, total), math.inf)
@@ -139,8 +167,17 @@ def insert_grad_norm_clip(
         coef = b(aten.where.self, enabled, coef, one)
         for i, g in zip(grad_indices, grads):
             outputs[i] = b(aten.mul.Tensor, g, coef)
-    else:
-        total = b(aten.full.default, [], 0.0, dtype=torch.float32, device=device, pin_memory=False)
+    if grads and clip_value:
+        bound = added["clip_value"]
+        if unscale:
+            bound = b(aten.mul.Tensor, bound, added["clip_scale"])
+        low = b(aten.neg.default, bound)
+        for i in grad_indices:
+            g = outputs[i]
+            clamped = b(aten.minimum.default, b(aten.maximum.default, g, low), bound)
+            outputs[i] = b(aten.where.self, enabled, clamped, g)
+    if total is None:
+        total = full(0.0)
 
     b.output.args = (tuple(outputs) + (total,),)
     desc = b.output.meta.get("desc")
@@ -148,4 +185,4 @@ def insert_grad_norm_clip(
         b.output.meta["desc"] = [*desc, None]
     graph.lint()
     gm.recompile()
-    return ClipInsertion(len(grads), (max_norm.name, enabled.name))
+    return ClipInsertion(len(grads), tuple(added[n].name for n in names))

@@ -46,11 +46,11 @@ def grad_placeholders(gm: fx.GraphModule) -> list[fx.Node]:
 @dataclasses.dataclass(frozen=True)
 class StepClipInsertion:
     """What ``insert_step_clip`` changed: the gradient placeholders it clips (their positions
-    among the placeholders), the added placeholders' names (max norm, enabled flag), and whether the clipped
-    gradients are copied back into the gradient inputs."""
+    among the placeholders), the added placeholders' names in the order the caller passes
+    them, and whether the clipped gradients are copied back into the gradient inputs."""
 
     grad_positions: tuple[int, ...]
-    placeholders: tuple[str, str]
+    placeholders: tuple[str, ...]
     writes_grad: bool
 
 
@@ -101,19 +101,40 @@ def _partial_norm(b: _Builder, g: fx.Node, p: float) -> fx.Node:
     return b.fn(torch.sum, a if p == 1.0 else b.fn(torch.pow, a, p))
 
 
+def _on(b: _Builder, x: fx.Node, g: fx.Node, device) -> fx.Node:
+    """``x`` (a 0-d tensor on ``device``) moved to ``g``'s device where that differs."""
+    gval = g.meta.get("example_value")
+    if gval is not None and gval.device != device:
+        return b.method("to", x, gval.device)
+    return x
+
+
 def insert_step_clip(
     gm: fx.GraphModule,
     grads: list[fx.Node],
     norm_type: float,
     *,
+    clip_norm: bool = True,
+    compute_norm: bool = False,
+    clip_value: bool = False,
+    unscale: bool = False,
     write_grad: bool = True,
 ) -> StepClipInsertion:
-    """Clip the gradient placeholders ``grads`` of the Dynamo step graph ``gm`` by their joint
-    ``norm_type``-norm (see the module docstring). Adds two last placeholders, ``clip_max_norm``
-    (0-d float32) and ``clip_enabled`` (0-d bool), and appends the total norm (0-d float32) to the outputs. ``write_grad``
-    copies the clipped gradient back into each gradient input after the update, so that
-    ``.grad`` ends as eager ``clip_grad_norm_`` leaves it (after any in-place change the
-    optimizer itself makes to the gradient)."""
+    """Clip the gradient placeholders ``grads`` of the Dynamo step graph ``gm`` (see the
+    module docstring).
+
+    Placeholders added last, in this order: ``clip_max_norm`` (0-d float32) and
+    ``clip_enabled`` (0-d bool; false: no clipping, the gradients were clipped by a backward),
+    then ``clip_value`` (0-d float32) if ``clip_value``, then ``clip_scale`` (0-d float32, a
+    GradScaler's scale) if ``unscale``: every gradient is first divided by it, as
+    ``GradScaler.unscale_`` does. Two outputs are appended: the total norm of the (unscaled)
+    gradients (0-d float32; 0 when no norm is computed) and ``nonfinite`` (0-d float32, 1.0
+    where that norm is nan/inf: GradScaler's ``found_inf``). The norm is computed for
+    ``clip_norm`` (scale by ``clamp(max_norm / (norm + 1e-6), max=1)``) or ``compute_norm``.
+    ``clip_value`` clamps every element to ``[-clip_value, clip_value]`` after the norm clip.
+    ``write_grad`` copies the clipped gradient back into each gradient input after the
+    update, so that ``.grad`` ends as eager clipping leaves it (after any in-place change
+    the optimizer itself makes to the gradient)."""
     graph = gm.graph
     placeholders = list(graph.find_nodes(op="placeholder"))
     if not grads:
@@ -131,63 +152,90 @@ def insert_step_clip(
         fake_mode = getattr(vals[0], "fake_mode", None)
     device = vals[0].device if vals[0] is not None else None
 
-    with graph.inserting_after(placeholders[-1]):
-        enabled = graph.placeholder("clip_enabled")
-    with graph.inserting_after(placeholders[-1]):
-        max_norm = graph.placeholder("clip_max_norm")
-    # AOTAutograd maps Dynamo placeholders to their sources; ours have none (like the
-    # placeholders DDPOptimizer's split adds)
-    max_norm._dynamo_source = enabled._dynamo_source = None
-    if fake_mode is not None:
-        with fake_mode:
-            max_norm.meta["example_value"] = torch.empty((), dtype=torch.float32, device=device)
-            enabled.meta["example_value"] = torch.empty((), dtype=torch.bool, device=device)
+    names = ["clip_max_norm", "clip_enabled"]
+    if clip_value:
+        names.append("clip_value")
+    if unscale:
+        names.append("clip_scale")
+    added = {}
+    anchor = placeholders[-1]
+    for name in names:
+        with graph.inserting_after(anchor):
+            anchor = added[name] = graph.placeholder(name)
+        # AOTAutograd maps Dynamo placeholders to their sources; ours have none (like the
+        # placeholders DDPOptimizer's split adds)
+        anchor._dynamo_source = None
+        if fake_mode is not None:
+            with fake_mode:
+                dtype = torch.bool if name == "clip_enabled" else torch.float32
+                anchor.meta["example_value"] = torch.empty((), dtype=dtype, device=device)
+    max_norm, enabled = added["clip_max_norm"], added["clip_enabled"]
 
-    first_op = enabled.next
-    b = _Builder(gm, fake_mode, first_op)
+    b = _Builder(gm, fake_mode, anchor.next)
     p = float(norm_type)
-    partials = []
-    for g in grads:
-        part = _partial_norm(b, g, p)
-        gval = g.meta.get("example_value")
-        if gval is not None and gval.device != device:  # gradients on several devices
-            part = b.method("to", part, device)
-        partials.append(part)
-    combine = torch.maximum if math.isinf(p) else torch.add
-    total = partials[0]
-    for part in partials[1:]:
-        total = b.fn(combine, total, part)
-    if not math.isinf(p):
-        if p == 2.0:
-            total = b.fn(torch.sqrt, total)
-        elif p != 1.0:
-            total = b.fn(torch.pow, total, 1.0 / p)
-    coef = b.fn(torch.div, max_norm, b.fn(torch.add, total, EPS))
-    coef = b.fn(torch.clamp, coef, max=1.0)
-    # enabled=False: coefficient exactly 1 (the gradients were already clipped by a backward)
-    coef = b.fn(torch.where, enabled, coef, 1.0)
-    scaled = []
-    for g in grads:
-        gval = g.meta.get("example_value")
-        c = coef
+    # what every use of a gradient becomes, built up step by step
+    clipped = list(grads)
+    if unscale:
+        # GradScaler.unscale_: multiply by the float64 reciprocal rounded to float32, in the
+        # gradient's dtype
+        inv = b.method("to", b.fn(torch.reciprocal, b.method("to", added["clip_scale"], torch.float64)), torch.float32)
+        clipped = [b.fn(torch.mul, g, _on(b, inv, g, device)) for g in grads]
+    total = nonfinite = None
+    if clip_norm or compute_norm:
+        partials = []
+        for g, u in zip(grads, clipped):
+            part = _partial_norm(b, u, p)
+            gval = g.meta.get("example_value")
+            if gval is not None and gval.device != device:  # gradients on several devices
+                part = b.method("to", part, device)
+            partials.append(part)
+        combine = torch.maximum if math.isinf(p) else torch.add
+        total = partials[0]
+        for part in partials[1:]:
+            total = b.fn(combine, total, part)
+        if not math.isinf(p):
+            if p == 2.0:
+                total = b.fn(torch.sqrt, total)
+            elif p != 1.0:
+                total = b.fn(torch.pow, total, 1.0 / p)
+        # 1.0 where the norm is nan or inf (|x| < inf is false for both)
+        finite = b.fn(torch.lt, b.fn(torch.abs, total), math.inf)
+        nonfinite = b.method("to", b.fn(torch.logical_not, finite), torch.float32)
+    if clip_norm:
+        coef = b.fn(torch.div, max_norm, b.fn(torch.add, total, EPS))
+        coef = b.fn(torch.clamp, coef, max=1.0)
+        # enabled=False: coefficient exactly 1 (the gradients were already clipped by a backward)
+        coef = b.fn(torch.where, enabled, coef, 1.0)
         # a 0-d float32 factor keeps the gradient's dtype, as eager's _foreach_mul_ does
-        if gval is not None and gval.device != device:
-            c = b.method("to", coef, gval.device)
-        scaled.append(b.fn(torch.mul, g, c))
+        clipped = [b.fn(torch.mul, u, _on(b, coef, g, device)) for g, u in zip(grads, clipped)]
+    if clip_value:
+        bound = added["clip_value"]
+        low = b.fn(torch.neg, bound)
+        out = []
+        for g, u in zip(grads, clipped):
+            c = b.fn(torch.minimum, b.fn(torch.maximum, u, _on(b, low, g, device)), _on(b, bound, g, device))
+            out.append(b.fn(torch.where, _on(b, enabled, g, device), c, u))
+        clipped = out
+    if total is None:
+        total = b.fn(torch.zeros, (), dtype=torch.float32, device=device)
+        nonfinite = b.fn(torch.zeros, (), dtype=torch.float32, device=device)
     own = set(b.new)
-    for g, s in zip(grads, scaled):
-        g.replace_all_uses_with(s, delete_user_cb=lambda user: user not in own)
+    for g, s in zip(grads, clipped):
+        if s is not g:
+            g.replace_all_uses_with(s, delete_user_cb=lambda user: user not in own)
 
     if write_grad:
         b.anchor = output
-        for g, s in zip(grads, scaled):
-            b.method("copy_", g, s)
+        for g, s in zip(grads, clipped):
+            if s is not g:
+                b.method("copy_", g, s)
 
     outs = output.args[0]
     if isinstance(outs, (list, tuple)):
-        output.args = (type(outs)([*outs, total]) if isinstance(outs, list) else (*outs, total),)
+        extra = [total, nonfinite]
+        output.args = (type(outs)([*outs, *extra]) if isinstance(outs, list) else (*outs, *extra),)
     else:
         raise ValueError(f"unexpected output structure of the step graph: {outs!r}")
     graph.lint()
     gm.recompile()
-    return StepClipInsertion(positions, (max_norm.name, enabled.name), write_grad)
+    return StepClipInsertion(positions, tuple(added[n].name for n in names), write_grad)
