@@ -93,8 +93,9 @@ class _ClippedStep:
     the two outputs it adds: the total norm (into the runtime, no host sync) and the
     nonfinite flag (GradScaler's ``found_inf``, and the skipped-step counter)."""
 
-    def __init__(self, compiled, backend: ClipBackend, device: torch.device, optimizer, guarded: bool) -> None:
+    def __init__(self, compiled, backend: ClipBackend, device: torch.device, optimizer, guarded: bool, outputs_norm: bool) -> None:
         self.compiled = compiled
+        self.outputs_norm = outputs_norm
         self.runtime = backend._runtime
         self.device = device
         self.optimizer = weakref.ref(optimizer) if optimizer is not None else None
@@ -111,6 +112,8 @@ class _ClippedStep:
         # Dynamo calls what a backend returns with *args, whatever ``_boxed_call`` says
         # (aot_module_simplified's unboxed forward copies that attribute from its callee)
         outs = list(self.compiled(*full))
+        if not self.outputs_norm:
+            return outs
         nonfinite = outs.pop()
         total = outs.pop()
         if clip and rt.config.computes_norm:
@@ -246,7 +249,7 @@ def compile_step(backend: ClipBackend, gm: fx.GraphModule, example_inputs: list[
     device = grad_inputs[0].device
     amp = rt.scaler is not None
     guarded = config.skip_nonfinite or amp
-    insert_step_clip(
+    insertion = insert_step_clip(
         gm, grads, config.norm_type,
         clip_norm=config.max_norm is not None,
         compute_norm=guarded,
@@ -266,5 +269,5 @@ def compile_step(backend: ClipBackend, gm: fx.GraphModule, example_inputs: list[
         guard_input_mutations(g, -1, exclude=[offset + i for i in grad_positions])
 
     compiled = _compile(config, gm, inputs, guard if guarded else None)
-    return _ClippedStep(compiled, backend, device, optimizer, guarded)
+    return _ClippedStep(compiled, backend, device, optimizer, guarded, insertion.outputs_norm)
 

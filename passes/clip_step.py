@@ -52,6 +52,7 @@ class StepClipInsertion:
     grad_positions: tuple[int, ...]
     placeholders: tuple[str, ...]
     writes_grad: bool
+    outputs_norm: bool  # the total norm and the nonfinite flag are the last two outputs
 
 
 class _Builder:
@@ -127,10 +128,10 @@ def insert_step_clip(
     ``clip_enabled`` (0-d bool; false: no clipping, the gradients were clipped by a backward),
     then ``clip_value`` (0-d float32) if ``clip_value``, then ``clip_scale`` (0-d float32, a
     GradScaler's scale) if ``unscale``: every gradient is first divided by it, as
-    ``GradScaler.unscale_`` does. Two outputs are appended: the total norm of the (unscaled)
-    gradients (0-d float32; 0 when no norm is computed) and ``nonfinite`` (0-d float32, 1.0
-    where that norm is nan/inf: GradScaler's ``found_inf``). The norm is computed for
-    ``clip_norm`` (scale by ``clamp(max_norm / (norm + 1e-6), max=1)``) or ``compute_norm``.
+    ``GradScaler.unscale_`` does. The norm is computed for ``clip_norm`` (scale by
+    ``clamp(max_norm / (norm + 1e-6), max=1)``) or ``compute_norm``; then two outputs are
+    appended: the total norm of the (unscaled) gradients (0-d float32) and ``nonfinite``
+    (0-d float32, 1.0 where that norm is nan/inf: GradScaler's ``found_inf``).
     ``clip_value`` clamps every element to ``[-clip_value, clip_value]`` after the norm clip.
     ``write_grad`` copies the clipped gradient back into each gradient input after the
     update, so that ``.grad`` ends as eager clipping leaves it (after any in-place change
@@ -216,9 +217,6 @@ def insert_step_clip(
             c = b.fn(torch.minimum, b.fn(torch.maximum, u, _on(b, low, g, device)), _on(b, bound, g, device))
             out.append(b.fn(torch.where, _on(b, enabled, g, device), c, u))
         clipped = out
-    if total is None:
-        total = b.fn(torch.zeros, (), dtype=torch.float32, device=device)
-        nonfinite = b.fn(torch.zeros, (), dtype=torch.float32, device=device)
     own = set(b.new)
     for g, s in zip(grads, clipped):
         if s is not g:
@@ -232,10 +230,10 @@ def insert_step_clip(
 
     outs = output.args[0]
     if isinstance(outs, (list, tuple)):
-        extra = [total, nonfinite]
+        extra = [] if total is None else [total, nonfinite]
         output.args = (type(outs)([*outs, *extra]) if isinstance(outs, list) else (*outs, *extra),)
     else:
         raise ValueError(f"unexpected output structure of the step graph: {outs!r}")
     graph.lint()
     gm.recompile()
-    return StepClipInsertion(positions, tuple(added[n].name for n in names), write_grad)
+    return StepClipInsertion(positions, tuple(added[n].name for n in names), write_grad, total is not None)

@@ -27,6 +27,16 @@ from compileclip import ClipConfig, clip_backend
         ({"max_norm": 1.0, "error_if_nonfinite": 1}, TypeError, r"error_if_nonfinite must be a bool, got int 1"),
         ({"max_norm": 1.0, "inner": "eager"}, ValueError, r"inner='eager' is not supported: choose one of \('inductor', 'aot_eager'\)"),
         ({"max_norm": 1.0, "fuse": "yes"}, TypeError, r"fuse must be a bool, got str 'yes'"),
+        ({}, ValueError, r"max_norm=None and clip_value=None: give max_norm .*, clip_value .* or both"),
+        ({"clip_value": -1.0}, ValueError, r"clip_value=-1\.0 is not allowed: it must be a finite number > 0"),
+        ({"clip_value": 0.0}, ValueError, r"clip_value=0\.0"),
+        ({"clip_value": math.inf}, ValueError, r"clip_value=inf"),
+        ({"clip_value": math.nan}, ValueError, r"clip_value=nan"),
+        ({"clip_value": "1"}, TypeError, r"clip_value must be a float > 0 or None, got str '1'"),
+        ({"max_norm": 1.0, "skip_nonfinite": 1}, TypeError, r"skip_nonfinite must be a bool, got int 1"),
+        ({"max_norm": 1.0, "skip_nonfinite": True, "error_if_nonfinite": True}, ValueError, r"choose one"),
+        ({"clip_value": 1.0, "error_if_nonfinite": True}, ValueError, r"error_if_nonfinite=True needs max_norm"),
+        ({"max_norm": 1.0, "skip_nonfinite": True, "fuse": False}, ValueError, r"skip_nonfinite=True needs fuse=True"),
     ],
 )
 def test_bad_configuration(kwargs, exc, pattern):

@@ -124,3 +124,49 @@ class GraphModule(torch.nn.Module):
         mul_tensor_1: "f32[2]" = torch.ops.aten.mul.Tensor(view, where_self_1);  view = where_self_1 = None
         return (mul_tensor, mul_tensor_1, None, add_tensor)
 """)
+
+
+def guarded_step_graph() -> tuple[str, int]:
+    """An SGD-like update of two inputs, functionalized (mutations become copy_ at the end),
+    with a skip flag output, after ``guard_input_mutations`` (input 2 excluded)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from compileclip.passes import guard_input_mutations
+
+    def step(param, buf, grad):
+        total = grad.norm()
+        flag = (~(total.abs() < math.inf)).float()
+        buf.mul_(0.9).add_(grad)
+        param.sub_(0.1 * buf)
+        grad.mul_(0.5)
+        return (total, flag)
+
+    args = (torch.randn(3), torch.randn(3), torch.randn(3))
+    gm = make_fx(torch.func.functionalize(step, remove="mutations_and_views"), tracing_mode="fake")(*args)
+    n = guard_input_mutations(gm, -1, exclude=[2])
+    return gm.code.strip(), n
+
+
+class TestGuardStep(TestCase):
+    def test_writes_into_inputs_are_guarded(self):
+        code, n = guarded_step_graph()
+        self.assertEqual(n, 2)  # param and buf; the gradient (excluded) is written as is
+        self.assertExpectedInline(code, """\
+def forward(self, param_1, buf_1, grad_1):
+    linalg_vector_norm = torch.ops.aten.linalg_vector_norm.default(grad_1)
+    abs_1 = torch.ops.aten.abs.default(linalg_vector_norm)
+    lt = torch.ops.aten.lt.Scalar(abs_1, inf);  abs_1 = None
+    bitwise_not = torch.ops.aten.bitwise_not.default(lt);  lt = None
+    _to_copy = torch.ops.aten._to_copy.default(bitwise_not, dtype = torch.float32);  bitwise_not = None
+    gt_scalar = torch.ops.aten.gt.Scalar(_to_copy, 0)
+    mul = torch.ops.aten.mul.Tensor(buf_1, 0.9)
+    add = torch.ops.aten.add.Tensor(mul, grad_1);  mul = None
+    mul_1 = torch.ops.aten.mul.Tensor(add, 0.1)
+    sub = torch.ops.aten.sub.Tensor(param_1, mul_1);  mul_1 = None
+    mul_2 = torch.ops.aten.mul.Tensor(grad_1, 0.5)
+    where_self = torch.ops.aten.where.self(gt_scalar, param_1, sub);  sub = None
+    copy_ = torch.ops.aten.copy_.default(param_1, where_self);  param_1 = where_self = copy_ = None
+    where_self_1 = torch.ops.aten.where.self(gt_scalar, buf_1, add);  gt_scalar = add = None
+    copy__1 = torch.ops.aten.copy_.default(buf_1, where_self_1);  buf_1 = where_self_1 = copy__1 = None
+    copy__2 = torch.ops.aten.copy_.default(grad_1, mul_2);  grad_1 = mul_2 = copy__2 = None
+    return (linalg_vector_norm, _to_copy)""")

@@ -255,18 +255,23 @@ def test_one_object_accumulating_before_first_step_raises():
 # -- the scale costs no loop of its own --------------------------------------------------------
 
 
-def _step_kernels(name: str, foreach: bool, backend) -> tuple[int, str]:
-    """Loop nests Inductor generates for the last compile of the step, and its code."""
+def _step_kernels(name: str, foreach: bool, make_backend, amp: bool = False) -> tuple[int, str]:
+    """Loop nests Inductor generates for the last compile of the step, and its code.
+    ``make_backend(scaler)`` gives the backend (``scaler`` is a GradScaler with ``amp``)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))  # 4 gradients
     opt = OPTIMIZERS[name](model.parameters(), foreach)
-    step = torch.compile(opt.step, backend=backend)
+    scaler = torch.amp.GradScaler("cpu") if amp else None
+    step = torch.compile(opt.step, backend=make_backend(scaler))
     for _ in range(2):  # SGD compiles again once its momentum buffers exist
-        loss_of(model, torch.randn(3, 8)).backward()
+        loss = loss_of(model, torch.randn(3, 8))
+        (scaler.scale(loss) if amp else loss).backward()
         metrics.reset()
         with torch._inductor.config.patch(fx_graph_cache=False):
             _, code = run_and_get_code(step)
+        if amp:
+            scaler.update()
     return metrics.generated_kernel_count, code[-1]
 
 
@@ -275,14 +280,25 @@ def test_clip_adds_only_the_norm_loops(name, foreach):
     """Measured on CPU (torch 2.13): SGD 4 loop nests without the clip, 9 with it; Adam 8
     and 13 (4 per-gradient norm reductions + 1 combine). The scale and the write-back into
     .grad are computed and stored inside the optimizer's own update loops: no loop nest
-    re-reads the gradients for the scale, with or without the write-back."""
-    plain, _ = _step_kernels(name, foreach, "inductor")
-    clipped, code = _step_kernels(name, foreach, clip_backend(ACTIVE))
-    no_write, _ = _step_kernels(name, foreach, clip_backend(ACTIVE, step_writes_grad=False))
+    re-reads the gradients for the scale, with or without the write-back. Neither does the
+    nonfinite skip (a select in the update loops), GradScaler's unscale and inf check (in
+    the norm loops), nor value clipping (SGD 4, Adam 8 with clip_value alone)."""
+    plain, _ = _step_kernels(name, foreach, lambda s: "inductor")
+    clipped, code = _step_kernels(name, foreach, lambda s: clip_backend(ACTIVE))
     n_grads = 4
     assert clipped == plain + n_grads + 1, (plain, clipped)
-    assert no_write == clipped, (no_write, clipped)
     assert "sum" in code  # the norm reductions are in the step's code
+    same_as_clipped = {
+        "no write-back": _step_kernels(name, foreach, lambda s: clip_backend(ACTIVE, step_writes_grad=False)),
+        "skip_nonfinite": _step_kernels(name, foreach, lambda s: clip_backend(ACTIVE, skip_nonfinite=True)),
+        "GradScaler + clip_value": _step_kernels(
+            name, foreach, lambda s: clip_backend(ACTIVE, clip_value=1e-3, scaler=s), amp=True
+        ),
+    }
+    for what, (count, _) in same_as_clipped.items():
+        assert count == clipped, (what, count, clipped)
+    value_only, _ = _step_kernels(name, foreach, lambda s: clip_backend(clip_value=1e-3))
+    assert value_only == plain, (value_only, plain)
 
 
 def test_step_writes_grad_is_validated():
