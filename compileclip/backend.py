@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from collections.abc import Iterator
 from typing import Any
@@ -73,7 +74,7 @@ class _ClippedBackward:
     """Calls the compiled backward with the runtime inputs the pass added, strips the total
     norm it returns, and reports both to the runtime."""
 
-    def __init__(self, compiled, runtime: ClipRuntime, graph: GraphInfo, device, grad_params, cudagraphs) -> None:
+    def __init__(self, compiled, runtime: ClipRuntime, graph: GraphInfo, device, grad_params, cudagraphs, compile_norm_only=None) -> None:
         # an instance attribute: AOTAutograd wraps us with functools.wraps, which copies
         # __dict__ but not class attributes
         self._boxed_call = True
@@ -82,18 +83,34 @@ class _ClippedBackward:
         self.graph = graph
         self.device = device
         self.grad_params = grad_params  # (output position, param id)
+        self.grad_ids = frozenset(key for _, key in grad_params)
         self.cudagraphs = cudagraphs
+        # the variant for backwards whose clip a compiled step applies: the norm only,
+        # gradients untouched; compiled when first needed
+        self._compile_norm_only = compile_norm_only
+        self._norm_only = None
+
+    def _variant(self, rt: ClipRuntime):
+        if rt.mode != "step" or self._compile_norm_only is None:
+            return self.compiled
+        if self._norm_only is None:
+            self._norm_only = self._compile_norm_only()
+        return self._norm_only
 
     def __call__(self, args: list[Any]) -> Any:
         rt = self.runtime
         clip = rt.begin_backward_graph(self.graph)
         full = [*args, *rt.graph_inputs(self.device, clip)]
         args.clear()  # boxed convention: the callee owns the inputs
-        outs = self.compiled(full)
+        outs = self._variant(rt)(full)
         outs = list(outs)
         total = outs.pop()
+        if self.cudagraphs:  # the next replay overwrites it
+            total = total.clone()
         if clip and rt.config.max_norm is not None:
-            rt.total_norm = total.clone() if self.cudagraphs else total
+            rt.total_norm = total
+        if rt.mode == "step" and rt.step_check and rt.config.computes_norm:
+            rt.step_norm = (total, self.grad_ids)
         if rt.checking:
             rt.expect({key: outs[pos] for pos, key in self.grad_params if outs[pos] is not None})
         return outs
@@ -162,7 +179,9 @@ class ClipBackend:
     @property
     def stats(self) -> dict[str, int]:
         """How many backwards took each path: fused, probe, deferred, off (inside
-        ``accumulate()``), step (left to a compiled optimizer step of this backend)."""
+        ``accumulate()``), step (left to a compiled optimizer step of this backend); and
+        step_norm_from_backward: how many compiled steps took the total norm from the
+        backward instead of computing it."""
         return dict(self._runtime.mode_counts)
 
     @contextlib.contextmanager
@@ -205,18 +224,31 @@ class ClipBackend:
             forward._boxed_call = True
         return forward
 
-    def _clip_backward(self, graph: GraphInfo, param_idx, gm: fx.GraphModule, example_inputs, **kwargs):
-        """Rewrite a partitioned backward graph; returns (gm, extra inputs, wrap fn)."""
+    def _clip_backward(self, graph: GraphInfo, param_idx, gm: fx.GraphModule, example_inputs, compile_variant=None, **kwargs):
+        """Rewrite a partitioned backward graph; returns (extra inputs, wrap fn).
+        ``compile_variant(gm, inputs)`` compiles another rewrite of the same graph later
+        (for the norm-only variant)."""
         positions = _grad_positions(gm, param_idx)
-        insertion = insert_grad_norm_clip(
-            gm,
-            [pos for pos, _ in positions],
-            self.config.norm_type,
-            guard_nonfinite=self.config.error_if_nonfinite,
-            clip_norm=self.config.max_norm is not None,
-            clip_value=self.config.clip_value is not None,
-            unscale=self._runtime.scaler is not None,
-        )
+        cfg = self.config
+        amp = self._runtime.scaler is not None
+
+        def rewrite(g: fx.GraphModule, norm_only: bool):
+            return insert_grad_norm_clip(
+                g,
+                [pos for pos, _ in positions],
+                cfg.norm_type,
+                guard_nonfinite=cfg.error_if_nonfinite,
+                clip_norm=cfg.max_norm is not None or (norm_only and (cfg.computes_norm or amp)),
+                clip_value=cfg.clip_value is not None,
+                unscale=amp,
+                norm_only=norm_only,
+            )
+
+        original = None
+        if compile_variant is not None:
+            with torch._subclasses.fake_tensor.unset_fake_temporarily():
+                original = copy.deepcopy(gm)  # as AOTAutograd copies it for a lazy compile
+        insertion = rewrite(gm, norm_only=False)
         from torch._guards import detect_fake_mode
 
         fake_mode = detect_fake_mode(example_inputs)
@@ -229,14 +261,22 @@ class ClipBackend:
             ]
         grad_params = [(pos, id(param_idx[idx])) for pos, idx in positions]
         cudagraphs = kwargs.get("cudagraphs")
+        inputs = [*example_inputs, *extra]
+
+        compile_norm_only = None
+        if original is not None:
+            def compile_norm_only():
+                rewrite(original, norm_only=True)
+                return compile_variant(original, inputs)
 
         def wrap(compiled):
             return _ClippedBackward(
                 compiled, self._runtime, graph, device, grad_params,
                 bool(cudagraphs) if cudagraphs is not None else False,
+                compile_norm_only,
             )
 
-        return [*example_inputs, *extra], wrap
+        return inputs, wrap
 
     def _compile(self, gm: fx.GraphModule, example_inputs, clip_backward):
         if self.config.inner == "aot_eager":
@@ -246,7 +286,16 @@ class ClipBackend:
         def inner_compile(g, inputs, **kwargs):
             if clip_backward is None or not kwargs.get("is_backward", False):
                 return compile_fx_inner(g, inputs, **kwargs)
-            inputs, wrap = clip_backward(g, inputs, **kwargs)
+            # AOTAutograd compiles a backward lazily, at its first run, inside these
+            # contexts; a variant compiled later re-enters them the same way
+            tracing_context = torch._guards.TracingContext.try_get()
+            compile_context = torch._guards.CompileContext.try_get()
+
+            def compile_variant(variant, variant_inputs):
+                with torch._guards.tracing(tracing_context), torch._guards.compile_context(compile_context):
+                    return compile_fx_inner(variant, variant_inputs, **kwargs)
+
+            inputs, wrap = clip_backward(g, inputs, compile_variant=compile_variant, **kwargs)
             return wrap(compile_fx_inner(g, inputs, **kwargs))
 
         with _no_autograd_cache():
@@ -262,7 +311,7 @@ class ClipBackend:
         def bw(g, inputs):
             if clip_backward is None:
                 return make_boxed_func(g.forward)
-            _, wrap = clip_backward(g, inputs)
+            _, wrap = clip_backward(g, inputs, compile_variant=lambda variant, _: make_boxed_func(variant.forward))
             return wrap(make_boxed_func(g.forward))
 
         with _no_autograd_cache():

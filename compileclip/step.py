@@ -17,6 +17,7 @@ step run with ``enabled=False``, so the gradients are clipped exactly once per s
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -93,9 +94,14 @@ class _ClippedStep:
     the two outputs it adds: the total norm (into the runtime, no host sync) and the
     nonfinite flag (GradScaler's ``found_inf``, and the skipped-step counter)."""
 
-    def __init__(self, compiled, backend: ClipBackend, device: torch.device, optimizer, guarded: bool, outputs_norm: bool) -> None:
+    def __init__(
+        self, compiled, backend: ClipBackend, device: torch.device, optimizer, guarded: bool,
+        outputs: tuple[str, ...], param_ids: frozenset[int], given=None,
+    ) -> None:
         self.compiled = compiled
-        self.outputs_norm = outputs_norm
+        self.outputs = outputs
+        self.param_ids = param_ids  # the parameters whose .grad the graph takes
+        self.given = given  # (compiled variant that takes the norm as input, its outputs)
         self.runtime = backend._runtime
         self.device = device
         self.optimizer = weakref.ref(optimizer) if optimizer is not None else None
@@ -107,15 +113,22 @@ class _ClippedStep:
         scale = None
         if rt.scaler is not None:
             amp_state, scale = _amp_begin(rt.scaler, self.optimizer, self.device)
+        handed = rt.take_norm_for_step(self.param_ids) if self.given is not None else None
         clip = rt.begin_step()
         full = [*args, *rt.graph_inputs(self.device, clip, scale=scale)]
+        compiled, outputs = self.compiled, self.outputs
+        if handed is not None and clip:
+            # the backward computed the norm of exactly these gradients
+            compiled, outputs = self.given
+            full.append(handed)
+            rt.mode_counts["step_norm_from_backward"] += 1
         # Dynamo calls what a backend returns with *args, whatever ``_boxed_call`` says
         # (aot_module_simplified's unboxed forward copies that attribute from its callee)
-        outs = list(self.compiled(*full))
-        if not self.outputs_norm:
+        outs = list(compiled(*full))
+        if not outputs:
             return outs
         nonfinite = outs.pop()
-        total = outs.pop()
+        total = outs.pop() if "total_norm" in outputs else handed
         if clip and rt.config.computes_norm:
             rt.total_norm = total
         if self.guarded:
@@ -244,30 +257,56 @@ def compile_step(backend: ClipBackend, gm: fx.GraphModule, example_inputs: list[
     optimizer = optimizers[0] if len(optimizers) == 1 else None
     if not config.fuse:
         return _EagerClippedStep(_compile(config, gm, example_inputs), backend, grad_positions, optimizer)
-    gm = _copy_dynamo_graph(gm)
-    grads = grad_placeholders(gm)
     device = grad_inputs[0].device
     amp = rt.scaler is not None
     guarded = config.skip_nonfinite or amp
-    insertion = insert_step_clip(
-        gm, grads, config.norm_type,
-        clip_norm=config.max_norm is not None,
-        compute_norm=guarded,
-        clip_value=config.clip_value is not None,
-        unscale=amp,
-        write_grad=config.step_writes_grad,
+    param_ids = frozenset(
+        id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]
+        if p.grad is not None
     )
-    inputs = [*example_inputs, *rt.graph_inputs(device, True)]
-    n_dynamo = len(inputs)
+    model_ids = frozenset(i for i, p in rt.params.items() if p.grad is not None)
+    if backend._graphs and optimizers and model_ids != param_ids:
+        warnings.warn(
+            f"compileclip: this clip backend compiled a model and now the step of an optimizer "
+            f"that updates {len(param_ids & model_ids)} of the {len(model_ids)} trainable "
+            "parameters with a gradient (and "
+            f"{len(param_ids - model_ids)} others). A backward clips over the model's "
+            "parameters, a step over the optimizer's; the first backward, which ran before "
+            "the step was compiled, used the model's. Use separate clip objects for model "
+            "and step if the two sets are meant to differ.",
+            stacklevel=2,
+        )
+    # one clip object for model and step: a backward that produced every gradient computes
+    # the norm, and a second variant of the step takes it as an input (no norm loops)
+    use_given = bool(backend._graphs) and (config.computes_norm or amp) and len(optimizers) == 1
 
-    def guard(g: fx.GraphModule, inner_inputs: list[Any]) -> None:
-        # AOTAutograd puts the graph module's own parameters and buffers (the optimizer
-        # state Dynamo installed as attributes) before the Dynamo placeholders
-        offset = len(inner_inputs) - n_dynamo
-        if offset < 0:
-            raise RuntimeError("compileclip: unexpected inputs of the compiled step graph")
-        guard_input_mutations(g, -1, exclude=[offset + i for i in grad_positions])
+    def build(given_norm: bool):
+        g = _copy_dynamo_graph(gm)
+        insertion = insert_step_clip(
+            g, grad_placeholders(g), config.norm_type,
+            clip_norm=config.max_norm is not None,
+            compute_norm=guarded,
+            clip_value=config.clip_value is not None,
+            unscale=amp,
+            given_norm=given_norm,
+            write_grad=config.step_writes_grad,
+        )
+        inputs = [*example_inputs, *rt.graph_inputs(device, True)]
+        if given_norm:
+            inputs.append(torch.zeros((), dtype=torch.float32, device=device))
+        n_dynamo = len(inputs)
 
-    compiled = _compile(config, gm, inputs, guard if guarded else None)
-    return _ClippedStep(compiled, backend, device, optimizer, guarded, insertion.outputs_norm)
+        def guard(inner: fx.GraphModule, inner_inputs: list[Any]) -> None:
+            # AOTAutograd puts the graph module's own parameters and buffers (the optimizer
+            # state Dynamo installed as attributes) before the Dynamo placeholders
+            offset = len(inner_inputs) - n_dynamo
+            if offset < 0:
+                raise RuntimeError("compileclip: unexpected inputs of the compiled step graph")
+            guard_input_mutations(inner, -1, exclude=[offset + i for i in grad_positions])
+
+        return _compile(config, g, inputs, guard if guarded else None), insertion.outputs
+
+    compiled, outputs = build(given_norm=False)
+    given = build(given_norm=True) if use_given else None
+    return _ClippedStep(compiled, backend, device, optimizer, guarded, outputs, param_ids, given)
 

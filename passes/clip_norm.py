@@ -93,6 +93,7 @@ def insert_grad_norm_clip(
     clip_norm: bool = True,
     clip_value: bool = False,
     unscale: bool = False,
+    norm_only: bool = False,
 ) -> ClipInsertion:
     """Clip the outputs at ``grad_indices`` of ``gm`` by their joint ``norm_type``-norm.
 
@@ -104,6 +105,8 @@ def insert_grad_norm_clip(
     ``unscale`` adds a ``clip_scale`` placeholder (0-d float32, a GradScaler's scale): the
     gradients are still multiplied by it, so the norm is taken of ``g / scale`` and the value
     bound is ``clip_value * scale``; the outputs stay scaled for ``GradScaler.step``.
+    ``norm_only`` computes the norm but leaves the gradients as they are (a compiled
+    optimizer step applies the clip, with this norm as its input).
     Returns what was inserted; with no gradients it still adds the placeholders and a zero
     norm so the calling convention does not depend on the graph.
     """
@@ -157,6 +160,7 @@ def insert_grad_norm_clip(
                 total = b(aten.sqrt.default, total)
             elif p != 1.0:
                 total = b(aten.pow.Tensor_Scalar, total, 1.0 / p)
+    if total is not None and not norm_only:
         coef = b(aten.div.Tensor, max_norm, b(aten.add.Tensor, total, EPS))
         coef = b(aten.clamp_max.default, coef, 1.0)
         one = full(1.0)
@@ -167,7 +171,7 @@ def insert_grad_norm_clip(
         coef = b(aten.where.self, enabled, coef, one)
         for i, g in zip(grad_indices, grads):
             outputs[i] = b(aten.mul.Tensor, g, coef)
-    if grads and clip_value:
+    if grads and clip_value and not norm_only:
         bound = added["clip_value"]
         if unscale:
             bound = b(aten.mul.Tensor, bound, added["clip_scale"])

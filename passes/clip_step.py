@@ -52,7 +52,7 @@ class StepClipInsertion:
     grad_positions: tuple[int, ...]
     placeholders: tuple[str, ...]
     writes_grad: bool
-    outputs_norm: bool  # the total norm and the nonfinite flag are the last two outputs
+    outputs: tuple[str, ...]  # what was appended to the outputs: "total_norm", "nonfinite"
 
 
 class _Builder:
@@ -119,6 +119,7 @@ def insert_step_clip(
     compute_norm: bool = False,
     clip_value: bool = False,
     unscale: bool = False,
+    given_norm: bool = False,
     write_grad: bool = True,
 ) -> StepClipInsertion:
     """Clip the gradient placeholders ``grads`` of the Dynamo step graph ``gm`` (see the
@@ -133,6 +134,10 @@ def insert_step_clip(
     appended: the total norm of the (unscaled) gradients (0-d float32) and ``nonfinite``
     (0-d float32, 1.0 where that norm is nan/inf: GradScaler's ``found_inf``).
     ``clip_value`` clamps every element to ``[-clip_value, clip_value]`` after the norm clip.
+    ``given_norm`` takes the total norm as one more placeholder, ``clip_total_norm`` (0-d
+    float32, computed where the gradients were produced, by a backward graph), instead of
+    computing it: the step then reads each gradient once, in the update; only the
+    ``nonfinite`` flag is appended to the outputs.
     ``write_grad`` copies the clipped gradient back into each gradient input after the
     update, so that ``.grad`` ends as eager clipping leaves it (after any in-place change
     the optimizer itself makes to the gradient)."""
@@ -158,6 +163,8 @@ def insert_step_clip(
         names.append("clip_value")
     if unscale:
         names.append("clip_scale")
+    if given_norm:
+        names.append("clip_total_norm")
     added = {}
     anchor = placeholders[-1]
     for name in names:
@@ -182,7 +189,9 @@ def insert_step_clip(
         inv = b.method("to", b.fn(torch.reciprocal, b.method("to", added["clip_scale"], torch.float64)), torch.float32)
         clipped = [b.fn(torch.mul, g, _on(b, inv, g, device)) for g in grads]
     total = nonfinite = None
-    if clip_norm or compute_norm:
+    if given_norm:
+        total = added["clip_total_norm"]
+    elif clip_norm or compute_norm:
         partials = []
         for g, u in zip(grads, clipped):
             part = _partial_norm(b, u, p)
@@ -199,6 +208,7 @@ def insert_step_clip(
                 total = b.fn(torch.sqrt, total)
             elif p != 1.0:
                 total = b.fn(torch.pow, total, 1.0 / p)
+    if total is not None:
         # 1.0 where the norm is nan or inf (|x| < inf is false for both)
         finite = b.fn(torch.lt, b.fn(torch.abs, total), math.inf)
         nonfinite = b.method("to", b.fn(torch.logical_not, finite), torch.float32)
@@ -230,10 +240,11 @@ def insert_step_clip(
 
     outs = output.args[0]
     if isinstance(outs, (list, tuple)):
-        extra = [] if total is None else [total, nonfinite]
+        extra = [] if total is None else [nonfinite] if given_norm else [total, nonfinite]
         output.args = (type(outs)([*outs, *extra]) if isinstance(outs, list) else (*outs, *extra),)
     else:
         raise ValueError(f"unexpected output structure of the step graph: {outs!r}")
     graph.lint()
     gm.recompile()
-    return StepClipInsertion(positions, tuple(added[n].name for n in names), write_grad, total is not None)
+    outputs = () if total is None else ("nonfinite",) if given_norm else ("total_norm", "nonfinite")
+    return StepClipInsertion(positions, tuple(added[n].name for n in names), write_grad, outputs)

@@ -63,7 +63,7 @@ def test_parameter_used_outside_compiled_region(max_norm):
             loss(model, compiled, x).backward()
             loss(ref, ref, x).backward()
             _assert_same(model, ref, clip, max_norm)
-    assert clip.stats == {"fused": 0, "probe": 1, "deferred": 2, "off": 0, "step": 0}
+    assert clip.stats == {"fused": 0, "probe": 1, "deferred": 2, "off": 0, "step": 0, "step_norm_from_backward": 0}
 
 
 def test_outside_use_appearing_after_fusion_raises():
@@ -116,7 +116,7 @@ def test_accumulate_context(max_norm):
             for x in xs:
                 ref(x).pow(2).mean().backward()
             _assert_same(model, ref, clip, max_norm)
-    assert clip.stats == {"fused": 0, "probe": 0, "deferred": 2, "off": 4, "step": 0}
+    assert clip.stats == {"fused": 0, "probe": 0, "deferred": 2, "off": 4, "step": 0, "step_norm_from_backward": 0}
 
 
 def test_accumulate_inside_is_unclipped():

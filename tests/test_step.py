@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from torch._inductor.utils import run_and_get_code
 
 from compileclip import clip_backend
 from helpers import ACTIVE, INACTIVE, assert_clip_state
+from models import GraphBreak
 
 OPTIMIZERS = {
     "sgd": lambda params, foreach: torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=foreach),
@@ -70,9 +72,11 @@ def train_against_eager(
     between_steps=None,
     norm_type: float = 2.0,
     compile_model: bool = False,
+    before_step=None,
 ):
     """Train ``make_model()`` with a compiled clipped step and a deep copy eagerly; compare
-    after every step. ``between_steps(step, opt, ref_opt, clip)`` may change hyperparameters.
+    after every step. ``between_steps(step, opt, ref_opt, clip)`` may change hyperparameters;
+    ``before_step(model)`` runs on both models between the backward and the clip.
     ``compile_model`` compiles the model with the same clip object too."""
     torch.manual_seed(0)
     model = make_model()
@@ -95,6 +99,9 @@ def train_against_eager(
             with clip.accumulate() if first else contextlib.nullcontext():
                 loss_of(forward, x).backward()
             loss_of(ref, x).backward()
+        if before_step is not None:
+            before_step(model)
+            before_step(ref)
         mn = float(clip.max_norm)
         ref_params = [p for g in ref_opt.param_groups for p in g["params"] if p.grad is not None]
         ref_norm = torch.nn.utils.clip_grad_norm_(ref_params, mn, norm_type)
@@ -235,8 +242,50 @@ def test_one_object_for_model_and_step(micro_batches, max_norm):
         compile_model=True, micro_batches=micro_batches,
     )
     # the first step's last backward clipped (the step did not exist yet); later ones left it
-    # to the step
+    # to the step, which took their norm unless the gradients were accumulated
     assert clip.stats["step"] == 2 * micro_batches and clip.stats["fused"] == 0, clip.stats
+    assert clip.stats["step_norm_from_backward"] == (2 if micro_batches == 1 else 0), clip.stats
+
+
+def _double_first_grad_after_step_0():
+    # in step 0 the backward clips (the step does not exist yet), before any such edit, as
+    # the fused backward clip always does: only the steps after it can match eager here
+    calls = []
+
+    def before_step(model: nn.Module) -> None:
+        calls.append(model)
+        if len(calls) > 2:
+            next(iter(model.parameters())).grad.mul_(2.0)
+
+    return before_step
+
+
+@pytest.mark.parametrize("case", ["grad_changed_before_step", "graph_break"])
+def test_one_object_declines_the_backward_norm(case):
+    """Where the backward's norm is not the norm of exactly the gradients the step sees,
+    the step computes its own, and the result still matches eager."""
+    kwargs = {}
+    make_opt = lambda m: OPTIMIZERS["adam"](m.parameters(), True)  # noqa: E731
+    if case == "grad_changed_before_step":
+        kwargs["before_step"] = _double_first_grad_after_step_0()
+    else:
+        kwargs["make_model"] = GraphBreak
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the graph break's one-time warning
+        _, clip = train_against_eager(make_opt, compile_model=True, **kwargs)
+    assert clip.stats["step_norm_from_backward"] == 0, clip.stats
+
+
+def test_one_object_warns_when_optimizer_and_model_params_differ():
+    """The first backward (before the step exists) clips over the model's parameters, the
+    steps over the optimizer's: where the two sets differ, say so."""
+    model = small_mlp()
+    opt = OPTIMIZERS["sgd"](model[3].parameters(), False)
+    clip = clip_backend(max_norm=ACTIVE)
+    forward, step = torch.compile(model, backend=clip), torch.compile(opt.step, backend=clip)
+    loss_of(forward, torch.randn(6, 8)).backward()
+    with pytest.warns(UserWarning, match="2 of the 6 trainable parameters"):
+        step()
 
 
 def test_one_object_accumulating_before_first_step_raises():
@@ -304,3 +353,35 @@ def test_clip_adds_only_the_norm_loops(name, foreach):
 def test_step_writes_grad_is_validated():
     with pytest.raises(TypeError, match="step_writes_grad"):
         clip_backend(1.0, step_writes_grad="yes")
+
+
+def test_one_object_norm_in_backward_coefficient_in_step():
+    """One clip object for model and step: from the second step on, the backward runs a
+    variant that computes the norm and leaves the gradients alone, and the step runs a
+    variant that takes that norm as an input (stats' step_norm_from_backward).
+
+    Loop nests measured on CPU (torch 2.13), 2-layer MLP (4 gradients), SGD with momentum:
+    backward 3 plain, 10 with the clip in it, 6 for the norm-only variant (no scale loops).
+    Each step compile builds two variants: the norm-computing one (plain 4 + 5, as in
+    test_clip_adds_only_the_norm_loops) and the one taking the norm (plain 4 + 1 scalar
+    kernel for the nonfinite flag), 14 in all."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = OPTIMIZERS["sgd"](model.parameters(), False)
+    clip = clip_backend(ACTIVE)
+    forward, step = torch.compile(model, backend=clip), torch.compile(opt.step, backend=clip)
+    counts = []
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        for _ in range(3):
+            loss = loss_of(forward, torch.randn(3, 8))
+            metrics.reset()
+            loss.backward()
+            backward = metrics.generated_kernel_count
+            metrics.reset()
+            step()
+            counts.append((backward, metrics.generated_kernel_count))
+            opt.zero_grad()
+    # step 0: full backward, both step variants; step 1: norm-only backward, the step
+    # compiles again once SGD's momentum buffers exist; step 2: nothing compiles
+    assert counts == [(10, 14), (6, 14), (0, 0)], counts
+    assert clip.stats["step_norm_from_backward"] == 2, clip.stats
