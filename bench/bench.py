@@ -4,7 +4,7 @@
     python bench/bench.py --workloads mlp,deep,gpt,lstm --reps 15 --steps 10
     python bench/bench.py --device cuda --size gpt=1
 
-For every workload, ten variants of the same model (same seed, same weights, each with its
+For every workload, eleven variants of the same model (same seed, same weights, each with its
 own deep copy and Adam optimizer) train on one fixed batch:
 
     compiled_noclip        torch.compile(model), no clipping (the floor of the compiled ones)
@@ -15,7 +15,8 @@ own deep copy and Adam optimizer) train on one fixed batch:
     fused                  torch.compile(model, backend=clip_backend(max_norm))
     fallback               torch.compile(model, backend=clip_backend(max_norm, fuse=False))
     cstep_noclip           torch.compile(model) + torch.compile(opt.step), no clipping
-                           (the floor of the two below)
+                           (the floor of the three below)
+    cstep_eagerclip        torch.compile(model) + eager clip_grad_norm_ + torch.compile(opt.step)
     step_fused             torch.compile(model) + torch.compile(opt.step, backend=clip)
     both                   model and step compiled with the same clip object
 
@@ -60,6 +61,7 @@ VARIANTS = [
     "fused",
     "fallback",
     "cstep_noclip",
+    "cstep_eagerclip",
     "step_fused",
     "both",
 ]
@@ -71,6 +73,7 @@ BASELINE = {  # the no-clip variant of the same compile mode
     "compiled_compiledclip": "compiled_noclip",
     "fused": "compiled_noclip",
     "fallback": "compiled_noclip",
+    "cstep_eagerclip": "cstep_noclip",
     "step_fused": "cstep_noclip",
     "both": "cstep_noclip",
 }
@@ -304,11 +307,12 @@ def make_variant(name: str, base: nn.Module, max_norm: float) -> Variant:
     if name in ("step_fused", "both"):
         backend = backend or clip_backend(max_norm)
         step = torch.compile(opt.step, backend=backend, dynamic=False)
-    elif name == "cstep_noclip":
+    elif name in ("cstep_noclip", "cstep_eagerclip"):
         step = torch.compile(opt.step, dynamic=False)
     clip = {
         "eager_clip": eager_clip,
         "compiled_eagerclip": eager_clip,
+        "cstep_eagerclip": eager_clip,
         "compiled_compiledclip": compiled_clip(max_norm),
     }.get(name)
     return Variant(name, module, forward, opt, clip, backend, step)
