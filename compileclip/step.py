@@ -102,6 +102,10 @@ class _ClippedStep:
         self.outputs = outputs
         self.param_ids = param_ids  # the parameters whose .grad the graph takes
         self.given = given  # (compiled variant that takes the norm as input, its outputs)
+        # CUDA graphs reuse output buffers on the next replay: keep copies of ours
+        from torch._inductor import config as inductor_config
+
+        self.cudagraphs = bool(inductor_config.triton.cudagraphs)
         self.runtime = backend._runtime
         self.device = device
         self.optimizer = weakref.ref(optimizer) if optimizer is not None else None
@@ -129,6 +133,8 @@ class _ClippedStep:
             return outs
         nonfinite = outs.pop()
         total = outs.pop() if "total_norm" in outputs else handed
+        if self.cudagraphs:
+            nonfinite, total = nonfinite.clone(), total.clone()
         if clip and rt.config.computes_norm:
             rt.total_norm = total
         if self.guarded:

@@ -245,10 +245,8 @@ def test_grad_scaler_already_unscaled(how):
         ref_scaler.update()
         scaler.scale(loss_of(model, x)).backward()
         if how == "unscale_":
-            scaler.unscale_(opt)
-            if i != 1:  # eager practice: the user skips the step themselves on overflow
-                opt.step()
-            scaler._per_optimizer_states[id(opt)]["stage"] = torch.amp.grad_scaler.OptState.STEPPED
+            scaler.unscale_(opt)  # records found_inf for update(); the step skips on its own
+            opt.step()
         else:
             scaler.step(opt)
         scaler.update()
