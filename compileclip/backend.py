@@ -263,17 +263,15 @@ class ClipBackend:
         cudagraphs = kwargs.get("cudagraphs")
         inputs = [*example_inputs, *extra]
 
-        compile_norm_only = None
-        if original is not None:
-            def compile_norm_only():
-                rewrite(original, norm_only=True)
-                return compile_variant(original, inputs)
+        def compile_norm_only():
+            rewrite(original, norm_only=True)
+            return compile_variant(original, inputs)
 
         def wrap(compiled):
             return _ClippedBackward(
                 compiled, self._runtime, graph, device, grad_params,
                 bool(cudagraphs) if cudagraphs is not None else False,
-                compile_norm_only,
+                compile_norm_only if original is not None else None,
             )
 
         return inputs, wrap

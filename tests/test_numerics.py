@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import models as zoo
 from compileclip import clip_backend
-from helpers import ACTIVE, INACTIVE, compare_with_eager, eager_clip, zero_grads
+from helpers import ACTIVE, INACTIVE, compare_with_eager, zero_grads
 
 FUSED = {"probe": 1, "fused": 1}
 

@@ -21,7 +21,6 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 from compileclip import clip_backend
 from helpers import ACTIVE, INACTIVE
