@@ -385,3 +385,28 @@ def test_one_object_norm_in_backward_coefficient_in_step():
     # compiles again once SGD's momentum buffers exist; step 2: nothing compiles
     assert counts == [(10, 14), (6, 14), (0, 0)], counts
     assert clip.stats["step_norm_from_backward"] == 2, clip.stats
+
+
+@pytest.mark.parametrize("inner", ["inductor", "aot_eager"])
+def test_one_object_dynamic_shapes(inner):
+    """Batch sizes that change every step under dynamic=True: the lazily compiled norm-only
+    backward variant and the norm-taking step variant still match eager."""
+    torch.manual_seed(0)
+    model = small_mlp()
+    ref = copy.deepcopy(model)
+    opt, ref_opt = OPTIMIZERS["adamw"](model.parameters(), True), OPTIMIZERS["adamw"](ref.parameters(), True)
+    clip = clip_backend(max_norm=ACTIVE, inner=inner)
+    forward = torch.compile(model, backend=clip, dynamic=True)
+    step = torch.compile(opt.step, backend=clip)
+    for i, batch in enumerate([3, 5, 7, 9, 4]):
+        x = torch.randn(batch, 8)
+        loss_of(forward, x).backward()
+        loss_of(ref, x).backward()
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), ACTIVE)
+        assert_clip_state(ref_norm, ACTIVE)
+        ref_opt.step()
+        step()
+        assert_same(model, ref, opt, ref_opt, clip, ref_norm, f"step {i}")
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    assert clip.stats["step_norm_from_backward"] == 4, clip.stats
