@@ -16,6 +16,7 @@ Where the clip lives: ``backward`` (model compiled with the clip, eager step), `
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -47,6 +48,7 @@ def train(
     optimizer: str = "adam",
     backend_kwargs: dict | None = None,
     expect_value_active: bool | None = None,
+    micro_batches: int = 1,
 ):
     """Train with the clip placed per ``mode`` and eagerly; compare after every step.
     ``bad_steps`` maps a step to 'nan' or 'inf' put into that step's input."""
@@ -67,18 +69,17 @@ def train(
     bad_steps = bad_steps or {}
     value_clipped = []
     for i in range(steps):
-        x = torch.randn(6, 8)
+        xs = [torch.randn(6, 8) for _ in range(micro_batches)]
         if i in bad_steps:
-            x = _bad_input(x, bad_steps[i])
+            xs[-1] = _bad_input(xs[-1], bad_steps[i])
         before = [p.detach().clone() for p in model.parameters()]
 
         # eager reference
-        ref_loss = loss_of(ref, x)
+        for x in xs:
+            ref_loss = loss_of(ref, x)
+            (ref_scaler.scale(ref_loss) if amp else ref_loss).backward()
         if amp:
-            ref_scaler.scale(ref_loss).backward()
             ref_scaler.unscale_(ref_opt)
-        else:
-            ref_loss.backward()
         ref_norm = None
         if max_norm is not None:
             ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
@@ -94,9 +95,13 @@ def train(
         elif finite or not skip_nonfinite:
             ref_opt.step()
 
-        # ours
-        loss = loss_of(forward, x)
-        (scaler.scale(loss) if amp else loss).backward()
+        # ours (in "both", the first step's backwards clip before the step exists: all but
+        # the last inside accumulate(), as documented)
+        for k, x in enumerate(xs):
+            first = mode == "both" and i == 0 and k < len(xs) - 1
+            with clip.accumulate() if first else contextlib.nullcontext():
+                loss = loss_of(forward, x)
+                (scaler.scale(loss) if amp else loss).backward()
         if step is not None:
             step()
         elif amp:
@@ -213,6 +218,14 @@ def test_grad_scaler(mode, max_norm):
     clip = train(mode=mode, max_norm=max_norm, amp=True, bad_steps={1: "inf", 3: "nan"}, steps=5)
     if mode != "backward":  # the compiled step skipped; in backward mode scaler.step did
         assert int(clip.skipped_steps) == 2
+
+
+@pytest.mark.parametrize("mode", ["step", "both"])
+def test_grad_scaler_gradient_accumulation(mode):
+    """Three scaled micro-batches per step, an overflow in the last one of step 1."""
+    clip = train(mode=mode, max_norm=ACTIVE, amp=True, micro_batches=3, bad_steps={1: "inf"}, steps=3)
+    assert int(clip.skipped_steps) == 1
+    assert clip.stats["step_norm_from_backward"] == 0, clip.stats  # accumulated: the step's own norm
 
 
 def test_grad_scaler_with_value_clipping():
