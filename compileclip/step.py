@@ -261,6 +261,14 @@ def compile_step(backend: ClipBackend, gm: fx.GraphModule, example_inputs: list[
     optimizers = _frame_optimizers()
     _check_coverage(grad_inputs, optimizers)
     optimizer = optimizers[0] if len(optimizers) == 1 else None
+    if rt.scaler is not None and any(g.dtype == torch.float16 for g in grad_inputs):
+        # GradScaler.unscale_ refuses these too (allow_fp16=False): fp16 master weights
+        # lose the small updates loss scaling exists to keep
+        raise ValueError(
+            "compileclip: a GradScaler is attached but the step's gradients include float16 "
+            "ones; GradScaler.unscale_ refuses to unscale FP16 gradients. Keep the "
+            "parameters in float32 and run the forward under torch.autocast"
+        )
     if not config.fuse:
         return _EagerClippedStep(_compile(config, gm, example_inputs), backend, grad_positions, optimizer)
     device = grad_inputs[0].device

@@ -281,10 +281,38 @@ def test_step_twice_without_update_raises():
         step()
 
 
+def test_grad_scaler_refuses_fp16_gradients_like_unscale_():
+    model = small_mlp().half()
+    opt = OPTIMIZERS["sgd"](model.parameters(), False)
+    scaler = torch.amp.GradScaler("cpu")
+    step = torch.compile(opt.step, backend=clip_backend(max_norm=1.0, scaler=scaler))
+    scaler.scale(loss_of(model, torch.randn(2, 8).half()).float()).backward()
+    with pytest.raises(Exception, match="refuses to unscale FP16 gradients"):
+        step()
+
+
 def test_disabled_scaler_is_ignored():
-    train(mode="step", max_norm=ACTIVE, steps=2, backend_kwargs={})  # the reference run
+    """GradScaler(enabled=False) scales nothing; the clip must not unscale either."""
+    torch.manual_seed(0)
+    model = small_mlp()
+    ref = copy.deepcopy(model)
+    opt, ref_opt = OPTIMIZERS["sgd"](model.parameters(), False), OPTIMIZERS["sgd"](ref.parameters(), False)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    assert clip_backend(max_norm=1.0, scaler=scaler)._runtime.scaler is None
+    clip = clip_backend(max_norm=ACTIVE, scaler=scaler)
+    step = torch.compile(opt.step, backend=clip)
+    for _ in range(2):
+        x = torch.randn(6, 8)
+        scaler.scale(loss_of(model, x)).backward()
+        step()
+        scaler.update()
+        loss_of(ref, x).backward()
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), ACTIVE)
+        ref_opt.step()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q)
+        torch.testing.assert_close(clip.total_norm, ref_norm)
+        opt.zero_grad()
+        ref_opt.zero_grad()
 
 
 def test_scaler_type_is_checked():
