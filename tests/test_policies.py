@@ -49,16 +49,17 @@ def train(
     backend_kwargs: dict | None = None,
     expect_value_active: bool | None = None,
     micro_batches: int = 1,
+    device: str = "cpu",
 ):
     """Train with the clip placed per ``mode`` and eagerly; compare after every step.
     ``bad_steps`` maps a step to 'nan' or 'inf' put into that step's input."""
     torch.manual_seed(0)
-    model = small_mlp()
+    model = small_mlp().to(device)
     ref = copy.deepcopy(model)
     opt = OPTIMIZERS[optimizer](model.parameters(), True)
     ref_opt = OPTIMIZERS[optimizer](ref.parameters(), True)
     # growth_interval=2 so that the scale also grows within a few steps
-    make_scaler = lambda: torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)  # noqa: E731
+    make_scaler = lambda: torch.amp.GradScaler(device, init_scale=2.0**12, growth_interval=2)  # noqa: E731
     scaler, ref_scaler = (make_scaler(), make_scaler()) if amp else (None, None)
     clip = clip_backend(
         max_norm=max_norm, clip_value=clip_value, skip_nonfinite=skip_nonfinite, scaler=scaler,
@@ -69,7 +70,7 @@ def train(
     bad_steps = bad_steps or {}
     value_clipped = []
     for i in range(steps):
-        xs = [torch.randn(6, 8) for _ in range(micro_batches)]
+        xs = [torch.randn(6, 8, device=device) for _ in range(micro_batches)]
         if i in bad_steps:
             xs[-1] = _bad_input(xs[-1], bad_steps[i])
         before = [p.detach().clone() for p in model.parameters()]
@@ -141,7 +142,7 @@ def test_clip_value_matches_clip_grad_value_(mode, active):
         clip.total_norm
 
 
-@pytest.mark.parametrize("mode", ["backward", "step"])
+@pytest.mark.parametrize("mode", MODES)
 def test_norm_then_value(mode):
     """Both given: clip_grad_norm_ first, then clip_grad_value_ on its result; total_norm is
     the norm before either."""
