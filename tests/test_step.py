@@ -410,3 +410,36 @@ def test_one_object_dynamic_shapes(inner):
         opt.zero_grad()
         ref_opt.zero_grad()
     assert clip.stats["step_norm_from_backward"] == 4, clip.stats
+
+
+def test_whole_training_step_compiled_with_the_clip():
+    """One torch.compile over forward, backward, step and zero_grad: Dynamo splits it at
+    backward() and at the optimizer's own graph breaks, and the one backend sees the model
+    graph and the step graph, as with two compiles of one object."""
+    torch.manual_seed(0)
+    model = small_mlp()
+    ref = copy.deepcopy(model)
+    opt, ref_opt = OPTIMIZERS["adamw"](model.parameters(), True), OPTIMIZERS["adamw"](ref.parameters(), True)
+    clip = clip_backend(max_norm=ACTIVE)
+
+    @torch.compile(backend=clip)
+    def train_step(x):
+        loss = loss_of(model, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    for i in range(4):
+        x = torch.randn(6, 8)
+        train_step(x)
+        loss_of(ref, x).backward()
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), ACTIVE)
+        assert_clip_state(ref_norm, ACTIVE)
+        ref_opt.step()
+        ref_opt.zero_grad()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, msg=lambda m: f"step {i}: {m}")
+        assert_state_close(opt, ref_opt, f"step {i}")
+        torch.testing.assert_close(clip.total_norm, ref_norm)
+    assert clip.stats["step"] == 3 and clip.stats["step_norm_from_backward"] == 3, clip.stats
