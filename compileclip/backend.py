@@ -242,6 +242,7 @@ class ClipBackend:
                 clip_value=cfg.clip_value is not None,
                 unscale=amp,
                 norm_only=norm_only,
+                keep_nonfinite=amp or cfg.skip_nonfinite,
             )
 
         original = None

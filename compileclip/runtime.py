@@ -38,6 +38,19 @@ _ACCUMULATED = (
 )
 
 
+_USER_HOOKS = (
+    "a parameter has gradient hooks of its own (register_hook or "
+    "register_post_accumulate_grad_hook), which may change the gradient after the compiled "
+    "graph produced it"
+)
+
+
+def _has_user_hooks(p: torch.Tensor) -> bool:
+    """Hooks besides compileclip's one tensor hook per parameter."""
+    hooks = p._backward_hooks
+    return (hooks is not None and len(hooks) > 1) or bool(getattr(p, "_post_accumulate_grad_hooks", None))
+
+
 def compiled_autograd_active() -> bool:
     ca = torch._dynamo.compiled_autograd
     return bool(
@@ -118,10 +131,13 @@ class ClipRuntime:
         self.skipped_steps: torch.Tensor | None = None  # device counter (skip_nonfinite / AMP)
         self.step_compiled = False  # a compiled optimizer step clips: backwards do not
         self.clipped_since_step = 0  # backwards that clipped since the last compiled step
-        # (total norm, ids of the parameters it covers, (param, grad, grad version) of each)
+        # (total norm, ids of the parameters it covers, (param, grad, version, data_ptr) each)
         # of the last backward, when it is the norm of exactly the final .grad: the compiled
         # step may use it instead of computing its own, if no .grad changed since
         self.norm_for_step: tuple[torch.Tensor, frozenset[int], tuple] | None = None
+        # optimizer state a skipped first step created, to remove before the next backward
+        self._state_drops: list[tuple[torch.optim.Optimizer, dict]] = []
+        self._drop_hooks: list = []
         self._reset()
 
     # -- bookkeeping --------------------------------------------------------------------
@@ -243,7 +259,36 @@ class ClipRuntime:
             )
         return self.mode == "fused"
 
+    def drop_state_before_next_backward(self, opt, state_before: dict, params) -> None:
+        """Remove the optimizer state entries and keys not in ``state_before`` (param ->
+        its state's keys) when the next backward starts. Parameters without this runtime's hooks (a step-only clip) get one-shot
+        hooks for that."""
+        self._state_drops.append((opt, state_before))
+        for p in params:
+            if id(p) not in self.params and p.requires_grad:
+                self._drop_hooks.append(p.register_hook(self._drop_hook))
+
+    def _drop_hook(self, grad: torch.Tensor) -> None:
+        self._run_state_drops()
+
+    def _run_state_drops(self) -> None:
+        if not self._state_drops:
+            return
+        for opt, before in self._state_drops:
+            for p in list(opt.state):
+                keep = before.get(p)
+                if not keep:
+                    del opt.state[p]
+                else:
+                    for key in [k for k in opt.state[p] if k not in keep]:
+                        del opt.state[p][key]
+        self._state_drops.clear()
+        for h in self._drop_hooks:
+            h.remove()
+        self._drop_hooks.clear()
+
     def _start_backward(self, tid: int, graph: GraphInfo | None) -> None:
+        self._run_state_drops()
         self.task_id = tid
         self.norm_for_step = None  # a new backward changes .grad
         _queue_end_of_backward(self._end_of_backward)
@@ -286,11 +331,27 @@ class ClipRuntime:
                 f"{missing} trainable parameters are outside the compiled graph "
                 "(a module Dynamo did not compile, or a graph break)"
             )
-        if any(p.grad is not None for p in self.params.values()):
-            return _ACCUMULATED
+        for p in self.params.values():
+            if p.grad is not None:
+                return _ACCUMULATED
+            if _has_user_hooks(p):
+                return _USER_HOOKS
         if self.fusable is False and not this_backward_only:
             return self._unfusable_reason
         return None
+
+    def _handoff(self, total: torch.Tensor, grad_ids: frozenset[int]):
+        """What the step needs to trust this backward's norm: every gradient the graph
+        produced is now the ``.grad`` of its parameter (not so after torch.autograd.grad),
+        with its identity, version and storage recorded to detect later changes."""
+        snapshot = []
+        for key in grad_ids:
+            p = self.params.get(key)
+            g = None if p is None else p.grad
+            if g is None:
+                return None
+            snapshot.append((p, g, g._version, g.data_ptr()))
+        return total, grad_ids, tuple(snapshot)
 
     def take_norm_for_step(self, param_ids: frozenset[int]) -> torch.Tensor | None:
         """The last backward's total norm, if it is the norm of exactly the gradients of
@@ -300,7 +361,7 @@ class ClipRuntime:
             return None
         # .grad replaced or changed in place since the backward (scaler.unscale_, a user's
         # own edit): the step computes the norm itself. About 40 us for 512 parameters.
-        if not all(p.grad is g and g._version == v for p, g, v in handed[2]):
+        if not all(p.grad is g and g._version == v and g.data_ptr() == ptr for p, g, v, ptr in handed[2]):
             return None
         return handed[0]
 
@@ -355,15 +416,15 @@ class ClipRuntime:
         self.mode_counts[mode] += 1
         if mode == "step":
             if step_norm is not None and not foreign and not mixed:
-                snapshot = tuple(
-                    (p, p.grad, p.grad._version) for p in self.params.values() if p.grad is not None
-                )
-                self.norm_for_step = (*step_norm, snapshot)
+                self.norm_for_step = self._handoff(*step_norm)
             return
         if mode == "off":
             self.after_accumulate = True
             return
-        self.clipped_since_step += 1
+        # a backward whose gradients did not land in .grad (torch.autograd.grad) clipped
+        # nothing a compiled step will see
+        if any(p.grad is not None for p in self.params.values()):
+            self.clipped_since_step += 1
         after_accumulate, self.after_accumulate = self.after_accumulate, False
         problem = None
         if foreign:
@@ -431,10 +492,16 @@ class ClipRuntime:
                 coef = torch.clamp(self.max_norm_on(total.device) / (total + _EPS), max=1.0)
                 scale_grads_(grads, coef)
         if cfg.clip_value is not None:
-            if scale is None:
+            # with a GradScaler or the skip policy, an inf must survive the clamp for the
+            # overflow check that follows (eager checks before clamping)
+            keep_nonfinite = self.scaler is not None or cfg.skip_nonfinite
+            if scale is None and not keep_nonfinite:
                 torch._foreach_clamp_min_(grads, -cfg.clip_value)
                 torch._foreach_clamp_max_(grads, cfg.clip_value)
             else:
                 for g in grads:
-                    bound = (scale * cfg.clip_value).to(g.device)
-                    g.clamp_(min=-bound, max=bound)
+                    bound = cfg.clip_value if scale is None else (scale * cfg.clip_value).to(g.device)
+                    clamped = g.clamp(min=-bound, max=bound)
+                    if keep_nonfinite:
+                        clamped = torch.where(g.abs() < math.inf, clamped, g)
+                    g.copy_(clamped)

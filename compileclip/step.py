@@ -96,12 +96,14 @@ class _ClippedStep:
 
     def __init__(
         self, compiled, backend: ClipBackend, device: torch.device, optimizer, guarded: bool,
-        outputs: tuple[str, ...], param_ids: frozenset[int], given=None,
+        outputs: tuple[str, ...], param_ids: frozenset[int], given=None, initializing: bool = False,
     ) -> None:
         self.compiled = compiled
         self.outputs = outputs
         self.param_ids = param_ids  # the parameters whose .grad the graph takes
         self.given = given  # (compiled variant that takes the norm as input, its outputs)
+        # this graph creates optimizer state (the first step): a skipped step must not keep it
+        self.initializing = initializing and guarded
         # CUDA graphs reuse output buffers on the next replay: keep copies of ours
         from torch._inductor import config as inductor_config
 
@@ -126,9 +128,15 @@ class _ClippedStep:
             compiled, outputs = self.given
             full.append(handed)
             rt.mode_counts["step_norm_from_backward"] += 1
+        opt = self.optimizer() if self.optimizer is not None else None
+        state_before = None
+        if self.initializing and opt is not None:
+            state_before = {p: set(st) for p, st in opt.state.items()}
         # Dynamo calls what a backend returns with *args, whatever ``_boxed_call`` says
         # (aot_module_simplified's unboxed forward copies that attribute from its callee)
         outs = list(compiled(*full))
+        if state_before is not None:
+            self._drop_new_state_if_skipped(opt, state_before, outs[-1])
         if not outputs:
             return outs
         nonfinite = outs.pop()
@@ -145,6 +153,18 @@ class _ClippedStep:
             amp_state["found_inf_per_device"][self.device] = nonfinite
             amp_state["stage"] = OptState.STEPPED
         return outs
+
+
+    def _drop_new_state_if_skipped(self, opt, state_before: dict, nonfinite: torch.Tensor) -> None:
+        """The graph of a step that creates optimizer state (SGD's momentum buffer, Adam's
+        moments and step count) stores that state unguarded, where eager skips ``opt.step()``
+        and has none. On a skipped step, the runtime removes what this step created before
+        the next backward (Dynamo installs the state after this call returns, and picks the
+        next step's graph by it). Reading the flag syncs with the host: once, on the first
+        step only (later steps run another graph)."""
+        if bool(nonfinite):
+            params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+            self.runtime.drop_state_before_next_backward(opt, state_before, params)
 
 
 def _amp_begin(scaler, optimizer_ref, device: torch.device):
@@ -269,11 +289,23 @@ def compile_step(backend: ClipBackend, gm: fx.GraphModule, example_inputs: list[
             "ones; GradScaler.unscale_ refuses to unscale FP16 gradients. Keep the "
             "parameters in float32 and run the forward under torch.autocast"
         )
+    # a graph traced while some parameter had no optimizer state yet creates it (SGD's
+    # momentum buffer; Dynamo initializes Adam's moments before tracing, see the README)
+    initializing = optimizer is not None and any(
+        not optimizer.state.get(p) for group in optimizer.param_groups for p in group["params"]
+        if p.grad is not None
+    )
+    if guarded_config(config, rt) and optimizer is None and len(optimizers) != 1:
+        raise NotImplementedError(
+            "compileclip: skip_nonfinite=True or a GradScaler needs the compiled step to belong "
+            f"to one optimizer; this step graph sees {len(optimizers)}. Compile each "
+            "optimizer's step separately"
+        )
     if not config.fuse:
         return _EagerClippedStep(_compile(config, gm, example_inputs), backend, grad_positions, optimizer)
     device = grad_inputs[0].device
     amp = rt.scaler is not None
-    guarded = config.skip_nonfinite or amp
+    guarded = guarded_config(config, rt)
     param_ids = frozenset(
         id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]
         if p.grad is not None
@@ -322,5 +354,10 @@ def compile_step(backend: ClipBackend, gm: fx.GraphModule, example_inputs: list[
 
     compiled, outputs = build(given_norm=False)
     given = build(given_norm=True) if use_given else None
-    return _ClippedStep(compiled, backend, device, optimizer, guarded, outputs, param_ids, given)
+    return _ClippedStep(compiled, backend, device, optimizer, guarded, outputs, param_ids, given, initializing)
+
+
+def guarded_config(config, rt) -> bool:
+    """Whether steps are skipped on a nonfinite norm (the skip policy, or GradScaler's)."""
+    return config.skip_nonfinite or rt.scaler is not None
 

@@ -94,6 +94,7 @@ def insert_grad_norm_clip(
     clip_value: bool = False,
     unscale: bool = False,
     norm_only: bool = False,
+    keep_nonfinite: bool = False,
 ) -> ClipInsertion:
     """Clip the outputs at ``grad_indices`` of ``gm`` by their joint ``norm_type``-norm.
 
@@ -107,6 +108,9 @@ def insert_grad_norm_clip(
     bound is ``clip_value * scale``; the outputs stay scaled for ``GradScaler.step``.
     ``norm_only`` computes the norm but leaves the gradients as they are (a compiled
     optimizer step applies the clip, with this norm as its input).
+    ``keep_nonfinite`` leaves inf elements out of the value clamp, so that a later inf/nan
+    check (``GradScaler.unscale_``, or a compiled step's skip) still sees them: a clamp would
+    turn inf into ``clip_value`` and hide the overflow that eager detects before clamping.
     Returns what was inserted; with no gradients it still adds the placeholders and a zero
     norm so the calling convention does not depend on the graph.
     """
@@ -179,6 +183,8 @@ def insert_grad_norm_clip(
         for i in grad_indices:
             g = outputs[i]
             clamped = b(aten.minimum.default, b(aten.maximum.default, g, low), bound)
+            if keep_nonfinite:  # |g| < inf is false for inf (and nan, which clamps to nan)
+                clamped = b(aten.where.self, b(aten.lt.Scalar, b(aten.abs.default, g), math.inf), clamped, g)
             outputs[i] = b(aten.where.self, enabled, clamped, g)
     if total is None:
         total = full(0.0)

@@ -133,7 +133,8 @@ def insert_step_clip(
     ``clamp(max_norm / (norm + 1e-6), max=1)``) or ``compute_norm``; then two outputs are
     appended: the total norm of the (unscaled) gradients (0-d float32) and ``nonfinite``
     (0-d float32, 1.0 where that norm is nan/inf: GradScaler's ``found_inf``).
-    ``clip_value`` clamps every element to ``[-clip_value, clip_value]`` after the norm clip.
+    ``clip_value`` clamps every element to ``[-clip_value, clip_value]`` after the norm clip
+    (whatever ``enabled`` says: clamping is idempotent).
     ``given_norm`` takes the total norm as one more placeholder, ``clip_total_norm`` (0-d
     float32, computed where the gradients were produced, by a backward graph), instead of
     computing it: the step then reads each gradient once, in the update; only the
@@ -224,8 +225,10 @@ def insert_step_clip(
         low = b.fn(torch.neg, bound)
         out = []
         for g, u in zip(grads, clipped):
-            c = b.fn(torch.minimum, b.fn(torch.maximum, u, _on(b, low, g, device)), _on(b, bound, g, device))
-            out.append(b.fn(torch.where, _on(b, enabled, g, device), c, u))
+            # also with enabled=False: a clamp applied twice is the clamp applied once, and
+            # it turns the inf a backward's clamp kept (for the skip decision) into eager's
+            # clipped value
+            out.append(b.fn(torch.minimum, b.fn(torch.maximum, u, _on(b, low, g, device)), _on(b, bound, g, device)))
         clipped = out
     own = set(b.new)
     for g, s in zip(grads, clipped):

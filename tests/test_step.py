@@ -276,6 +276,47 @@ def test_one_object_declines_the_backward_norm(case):
     assert clip.stats["step_norm_from_backward"] == 0, clip.stats
 
 
+def _halve_grad_in_place(p: torch.Tensor) -> None:
+    p.grad.mul_(0.5)
+
+
+@pytest.mark.parametrize("case", ["autograd_grad", "tensor_hook", "post_accumulate_hook"])
+def test_one_object_hand_off_declined_for_gradient_edits(case):
+    """Gradients that reach .grad other than straight from the backward graph: computed with
+    torch.autograd.grad and assigned, or changed by the user's own hooks. The backward's
+    norm is not handed on (nor is the fused backward path used), and the result is eager's."""
+    torch.manual_seed(0)
+    model = small_mlp()
+    ref = copy.deepcopy(model)
+    opt, ref_opt = OPTIMIZERS["sgd"](model.parameters(), False), OPTIMIZERS["sgd"](ref.parameters(), False)
+    clip = clip_backend(max_norm=ACTIVE)
+    for m in (model, ref):
+        if case == "tensor_hook":
+            m[0].weight.register_hook(lambda g: g * 0.5)
+        elif case == "post_accumulate_hook":
+            m[0].weight.register_post_accumulate_grad_hook(_halve_grad_in_place)
+    forward, step = torch.compile(model, backend=clip), torch.compile(opt.step, backend=clip)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the one-time "hooks of its own" warning
+        for i in range(3):
+            x = torch.randn(6, 8)
+            for m, fwd in ((model, forward), (ref, ref)):
+                loss = loss_of(fwd, x)
+                if case == "autograd_grad":
+                    grads = torch.autograd.grad(loss, list(m.parameters()))
+                    for p, g in zip(m.parameters(), grads):
+                        p.grad = 3.0 * g
+                else:
+                    loss.backward()
+            ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), ACTIVE)
+            ref_opt.step()
+            step()
+            assert_same(model, ref, opt, ref_opt, clip, ref_norm, f"step {i}")
+            opt.zero_grad()
+            ref_opt.zero_grad()
+    assert clip.stats["step_norm_from_backward"] == 0, clip.stats
+
+
 def test_one_object_warns_when_optimizer_and_model_params_differ():
     """The first backward (before the step exists) clips over the model's parameters, the
     steps over the optimizer's: where the two sets differ, say so."""
