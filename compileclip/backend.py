@@ -132,6 +132,7 @@ class ClipBackend:
         self.config = config
         self._runtime = ClipRuntime(config)
         self._graphs: list[GraphInfo] = []
+        self._step_hooked: set[int] = set()
         if scaler is not None:
             if not isinstance(scaler, torch.amp.GradScaler):
                 raise TypeError(
@@ -183,6 +184,20 @@ class ClipBackend:
         step_norm_from_backward: how many compiled steps took the total norm from the
         backward instead of computing it."""
         return dict(self._runtime.mode_counts)
+
+    def compile_step(self, optimizer: torch.optim.Optimizer, **compile_kwargs):
+        """``torch.compile(optimizer.step, backend=self, **compile_kwargs)``, plus a safety
+        net: a step pre-hook that clips eagerly whenever the step runs uncompiled (Dynamo
+        falls back to eager at its recompile limit, silently for the clip otherwise). The
+        hook is registered before the first trace, so it costs no recompile."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"compile_step needs a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if id(optimizer) not in self._step_hooked:
+            optimizer.register_step_pre_hook(self._runtime.eager_step_hook())
+            self._step_hooked.add(id(optimizer))
+        return torch.compile(optimizer.step, backend=self, **compile_kwargs)
 
     @contextlib.contextmanager
     def accumulate(self) -> Iterator[None]:

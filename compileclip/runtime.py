@@ -353,6 +353,52 @@ class ClipRuntime:
             snapshot.append((p, g, g._version, g.data_ptr()))
         return total, grad_ids, tuple(snapshot)
 
+    def eager_step_hook(self):
+        """An optimizer step pre-hook for ``ClipBackend.compile_step``: a no-op inside the
+        compiled step; when the step runs eagerly (Dynamo fell back, e.g. at its recompile
+        limit, or the user called the uncompiled ``opt.step``), it clips eagerly instead, so
+        that the step never runs unclipped."""
+        ref = weakref.ref(self)
+
+        def hook(opt, args, kwargs):
+            if torch.compiler.is_compiling():
+                return None
+            rt = ref()
+            if rt is not None:
+                rt._eager_step(opt)
+            return None
+
+        return hook
+
+    def _eager_step(self, opt: torch.optim.Optimizer) -> None:
+        params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        if self.scaler is not None:
+            from torch.amp.grad_scaler import OptState
+
+            if self.scaler._per_optimizer_states[id(opt)]["stage"] is OptState.READY:
+                raise RuntimeError(
+                    "compileclip: the optimizer step ran eagerly on gradients the GradScaler "
+                    "has not unscaled (Dynamo ran the compiled step eagerly, or opt.step() was "
+                    "called directly); call the compiled step, or scaler.step(opt)"
+                )
+        warnings.warn(
+            "compileclip: the optimizer step ran without compilation (Dynamo's recompile "
+            "limit, or a direct call of the uncompiled opt.step()); the gradients are "
+            "clipped eagerly before it instead (same result, without the fusion)",
+            stacklevel=3,
+        )
+        if not self.begin_step():
+            return
+        grads = [p.grad for p in params]
+        self.clip_(grads, unscaled=True)
+        if self.config.skip_nonfinite and not bool(torch.isfinite(self.total_norm)):
+            # an optimizer skips parameters whose .grad is None: the eager step is a no-op
+            for p in params:
+                p.grad = None
+            self.count_skipped(torch.ones((), device=grads[0].device))
+
     def take_norm_for_step(self, param_ids: frozenset[int]) -> torch.Tensor | None:
         """The last backward's total norm, if it is the norm of exactly the gradients of
         ``param_ids`` (the parameters whose ``.grad`` the step graph takes); consumed."""

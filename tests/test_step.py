@@ -484,3 +484,70 @@ def test_whole_training_step_compiled_with_the_clip():
         assert_state_close(opt, ref_opt, f"step {i}")
         torch.testing.assert_close(clip.total_norm, ref_norm)
     assert clip.stats["step"] == 3 and clip.stats["step_norm_from_backward"] == 3, clip.stats
+
+
+# -- clip.compile_step: the step never runs unclipped -----------------------------------------
+
+
+def _graphs_compiled() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("skip_nonfinite", [False, True], ids=["clip", "skip"])
+def test_compile_step_clips_eagerly_when_dynamo_falls_back(skip_nonfinite):
+    """At Dynamo's recompile limit the step runs eagerly; the pre-hook compile_step installs
+    clips (and skips a nonfinite step) eagerly instead, with a warning."""
+    torch.manual_seed(0)
+    model = small_mlp()
+    ref = copy.deepcopy(model)
+    opt, ref_opt = OPTIMIZERS["adam"](model.parameters(), True), OPTIMIZERS["adam"](ref.parameters(), True)
+    clip = clip_backend(max_norm=ACTIVE, skip_nonfinite=skip_nonfinite)
+    step = clip.compile_step(opt)
+    for i in range(4):
+        x = torch.randn(6, 8)
+        if skip_nonfinite and i == 3:
+            x[0, 0] = float("nan")
+        loss_of(model, x).backward()
+        loss_of(ref, x).backward()
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), ACTIVE)
+        if torch.isfinite(ref_norm):
+            ref_opt.step()
+        if i < 2:
+            step()
+        else:  # Dynamo falls back to eager for this frame from now on
+            torch._dynamo.reset()
+            with torch._dynamo.config.patch(recompile_limit=0), pytest.warns(UserWarning, match="ran without compilation"):
+                step()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, msg=lambda m: f"step {i}: {m}")
+        assert_state_close(opt, ref_opt, f"step {i}")
+        torch.testing.assert_close(clip.total_norm, ref_norm, equal_nan=True)
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    if skip_nonfinite:
+        assert int(clip.skipped_steps) == 1
+
+
+def test_compile_step_costs_no_recompile():
+    """The pre-hook is registered before the first trace: the same graphs compile as with
+    torch.compile(opt.step, backend=clip)."""
+    counts = []
+    for use_compile_step in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = small_mlp()
+        opt = OPTIMIZERS["sgd"](model.parameters(), False)
+        clip = clip_backend(max_norm=ACTIVE)
+        step = clip.compile_step(opt) if use_compile_step else torch.compile(opt.step, backend=clip)
+        before = _graphs_compiled()
+        for _ in range(3):
+            loss_of(model, torch.randn(6, 8)).backward()
+            step()
+            opt.zero_grad()
+        counts.append(_graphs_compiled() - before)
+    assert counts[0] == counts[1], counts
+
+
+def test_compile_step_validates_its_argument():
+    with pytest.raises(TypeError, match="compile_step needs a torch.optim.Optimizer, got Linear"):
+        clip_backend(1.0).compile_step(nn.Linear(2, 2))
