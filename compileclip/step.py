@@ -199,34 +199,16 @@ def _amp_begin(scaler, optimizer_ref, device: torch.device):
 
 class _EagerClippedStep:
     """``fuse=False``: eager clipping over the gradient inputs, then the compiled step
-    without a clip (for comparison and debugging). With a GradScaler: ``unscale_`` and the
-    skip decision as ``GradScaler.step`` makes them (this syncs with the host)."""
+    without a clip (for comparison and debugging)."""
 
-    def __init__(self, compiled, backend: ClipBackend, grad_positions: list[int], optimizer) -> None:
+    def __init__(self, compiled, backend: ClipBackend, grad_positions: list[int]) -> None:
         self.compiled = compiled
         self.runtime = backend._runtime
         self.grad_positions = grad_positions
-        self.optimizer = weakref.ref(optimizer) if optimizer is not None else None
 
     def __call__(self, *args: Any) -> Any:
-        rt = self.runtime
-        grads = [args[i] for i in self.grad_positions]
-        scaler = rt.scaler
-        if scaler is not None:
-            amp_state, _ = _amp_begin(scaler, self.optimizer, grads[0].device)
-            if amp_state is not None:
-                from torch.amp.grad_scaler import OptState
-
-                scaler.unscale_(self.optimizer())
-                amp_state["stage"] = OptState.STEPPED
-                found = sum(float(v) for v in amp_state["found_inf_per_device"].values())
-                if rt.begin_step():
-                    rt.clip_(grads, unscaled=True)
-                if found:
-                    return None
-                return self.compiled(*args)
-        if rt.begin_step():
-            rt.clip_(grads, unscaled=True)
+        if self.runtime.begin_step():
+            self.runtime.clip_((args[i] for i in self.grad_positions), unscaled=True)
         return self.compiled(*args)
 
 
@@ -302,7 +284,15 @@ def compile_step(backend: ClipBackend, gm: fx.GraphModule, example_inputs: list[
             "optimizer's step separately"
         )
     if not config.fuse:
-        return _EagerClippedStep(_compile(config, gm, example_inputs), backend, grad_positions, optimizer)
+        if rt.scaler is not None:
+            # skipping an overflowed step means not running this graph, whose outputs Dynamo
+            # needs (the optimizer state it creates); only the fused step decides inside it
+            raise NotImplementedError(
+                "compileclip: fuse=False with a GradScaler is not supported for a compiled "
+                "optimizer step. Use fuse=True, or the eager recipe: scaler.unscale_(opt); "
+                "clip_grad_norm_(...); scaler.step(opt)"
+            )
+        return _EagerClippedStep(_compile(config, gm, example_inputs), backend, grad_positions)
     device = grad_inputs[0].device
     amp = rt.scaler is not None
     guarded = guarded_config(config, rt)

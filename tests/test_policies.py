@@ -300,8 +300,16 @@ def test_grad_scaler_with_value_clipping():
     train(mode="step", max_norm=ACTIVE, clip_value=1e-3, amp=True, bad_steps={1: "inf"}, steps=3)
 
 
-def test_grad_scaler_fuse_false():
-    train(mode="step", max_norm=ACTIVE, amp=True, bad_steps={1: "inf"}, steps=3, backend_kwargs={"fuse": False})
+def test_grad_scaler_fuse_false_step_is_refused():
+    """Skipping an overflowed step without running its graph would break Dynamo (it needs the
+    state the first step's graph creates): a clear error instead of a crash on overflow."""
+    model = small_mlp()
+    opt = OPTIMIZERS["sgd"](model.parameters(), False)
+    scaler = torch.amp.GradScaler("cpu")
+    step = torch.compile(opt.step, backend=clip_backend(max_norm=1.0, scaler=scaler, fuse=False))
+    scaler.scale(loss_of(model, torch.randn(2, 8))).backward()
+    with pytest.raises(Exception, match="fuse=False with a GradScaler is not supported"):
+        step()
 
 
 @pytest.mark.parametrize("how", ["unscale_", "scaler.step"])
