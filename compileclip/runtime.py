@@ -119,7 +119,7 @@ class ClipRuntime:
         self.params: dict[int, torch.nn.Parameter] = {}  # every parameter the clip covers
         self._hooks: dict[int, object] = {}
         self._max_norm: dict[torch.device, torch.Tensor] = {}
-        self._enabled = {}  # (device, bool) -> 0-d bool tensor
+        self._consts = {}  # (what, device) -> a constant 0-d runtime input
         self.total_norm: torch.Tensor | None = None
         self.accumulating = False
         self.after_accumulate = False  # the last backward ran inside accumulate()
@@ -192,9 +192,9 @@ class ClipRuntime:
         return t
 
     def _const(self, key, value, dtype, device: torch.device) -> torch.Tensor:
-        t = self._enabled.get((key, device))
+        t = self._consts.get((key, device))
         if t is None:
-            t = self._enabled[(key, device)] = torch.tensor(value, dtype=dtype, device=device)
+            t = self._consts[(key, device)] = torch.tensor(value, dtype=dtype, device=device)
         return t
 
     def scale_on(self, device: torch.device) -> torch.Tensor:
@@ -213,7 +213,7 @@ class ClipRuntime:
             max_norm = self._const("inf", math.inf, torch.float32, device)  # not read
         else:
             max_norm = self.max_norm_on(device)
-        out = [max_norm, self.enabled_on(device, clip)]
+        out = [max_norm, self._const(("enabled", clip), clip, torch.bool, device)]
         if cfg.clip_value is not None:
             out.append(self._const("value", cfg.clip_value, torch.float32, device))
         if self.scaler is not None:
@@ -225,12 +225,6 @@ class ClipRuntime:
         if self.skipped_steps is None:
             self.skipped_steps = torch.zeros((), dtype=torch.int64, device=nonfinite.device)
         self.skipped_steps.add_(nonfinite > 0)
-
-    def enabled_on(self, device: torch.device, flag: bool) -> torch.Tensor:
-        t = self._enabled.get((device, flag))
-        if t is None:
-            t = self._enabled[(device, flag)] = torch.tensor(flag, device=device)
-        return t
 
     # -- events -------------------------------------------------------------------------
     def on_forward(self, graph: GraphInfo) -> None:

@@ -128,9 +128,9 @@ class _ClippedStep:
             compiled, outputs = self.given
             full.append(handed)
             rt.mode_counts["step_norm_from_backward"] += 1
-        opt = self.optimizer() if self.optimizer is not None else None
-        state_before = None
-        if self.initializing and opt is not None:
+        opt = state_before = None
+        if self.initializing:  # the optimizer is known: compile_step requires it then
+            opt = self.optimizer()
             state_before = {p: set(st) for p, st in opt.state.items()}
         # Dynamo calls what a backend returns with *args, whatever ``_boxed_call`` says
         # (aot_module_simplified's unboxed forward copies that attribute from its callee)
@@ -277,7 +277,7 @@ def compile_step(backend: ClipBackend, gm: fx.GraphModule, example_inputs: list[
         not optimizer.state.get(p) for group in optimizer.param_groups for p in group["params"]
         if p.grad is not None
     )
-    if guarded_config(config, rt) and optimizer is None and len(optimizers) != 1:
+    if guarded_config(config, rt) and optimizer is None:
         raise NotImplementedError(
             "compileclip: skip_nonfinite=True or a GradScaler needs the compiled step to belong "
             f"to one optimizer; this step graph sees {len(optimizers)}. Compile each "

@@ -27,11 +27,11 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
+from ._common import EPS, add_scalar_placeholders, runtime_input_names
+
 aten = torch.ops.aten
 prims = torch.ops.prims
 
-# eager clip_grad_norm_ adds this to the norm before dividing
-EPS = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,19 +126,8 @@ def insert_grad_norm_clip(
         raise ValueError(f"grad_indices {list(grad_indices)} select outputs that are not tensors")
     device = grads[0].meta["val"].device if grads else torch.device("cpu")
 
-    names = ["clip_max_norm", "clip_enabled"]
-    if clip_value:
-        names.append("clip_value")
-    if unscale:
-        names.append("clip_scale")
-    added = {}
-    anchor = placeholders[-1]
-    for name in names:
-        with graph.inserting_after(anchor):
-            anchor = added[name] = graph.placeholder(name)
-        with fake_mode:
-            dtype = torch.bool if name == "clip_enabled" else torch.float32
-            anchor.meta["val"] = torch.empty((), dtype=dtype, device=device)
+    names = runtime_input_names(clip_value=clip_value, unscale=unscale)
+    added = add_scalar_placeholders(graph, placeholders[-1], names, fake_mode, device, "val")
     max_norm, enabled = added["clip_max_norm"], added["clip_enabled"]
 
     def full(value: float) -> fx.Node:

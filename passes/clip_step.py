@@ -25,8 +25,8 @@ import math
 import torch
 import torch.fx as fx
 
-# eager clip_grad_norm_ adds this to the norm before dividing
-EPS = 1e-6
+from ._common import EPS, add_scalar_placeholders, runtime_input_names
+
 
 
 def grad_placeholders(gm: fx.GraphModule) -> list[fx.Node]:
@@ -159,28 +159,15 @@ def insert_step_clip(
         fake_mode = getattr(vals[0], "fake_mode", None)
     device = vals[0].device if vals[0] is not None else None
 
-    names = ["clip_max_norm", "clip_enabled"]
-    if clip_value:
-        names.append("clip_value")
-    if unscale:
-        names.append("clip_scale")
-    if given_norm:
-        names.append("clip_total_norm")
-    added = {}
-    anchor = placeholders[-1]
-    for name in names:
-        with graph.inserting_after(anchor):
-            anchor = added[name] = graph.placeholder(name)
+    names = runtime_input_names(clip_value=clip_value, unscale=unscale, given_norm=given_norm)
+    added = add_scalar_placeholders(graph, placeholders[-1], names, fake_mode, device, "example_value")
+    for node in added.values():
         # AOTAutograd maps Dynamo placeholders to their sources; ours have none (like the
         # placeholders DDPOptimizer's split adds)
-        anchor._dynamo_source = None
-        if fake_mode is not None:
-            with fake_mode:
-                dtype = torch.bool if name == "clip_enabled" else torch.float32
-                anchor.meta["example_value"] = torch.empty((), dtype=dtype, device=device)
+        node._dynamo_source = None
     max_norm, enabled = added["clip_max_norm"], added["clip_enabled"]
 
-    b = _Builder(gm, fake_mode, anchor.next)
+    b = _Builder(gm, fake_mode, added[names[-1]].next)
     p = float(norm_type)
     # what every use of a gradient becomes, built up step by step
     clipped = list(grads)

@@ -36,6 +36,14 @@ def _bad_input(x: torch.Tensor, kind: str) -> torch.Tensor:
     return x
 
 
+def model_pair(optimizer: str, foreach: bool):
+    """A seeded small MLP and its deep copy, each with its own optimizer."""
+    torch.manual_seed(0)
+    model = small_mlp()
+    ref = copy.deepcopy(model)
+    return model, ref, OPTIMIZERS[optimizer](model.parameters(), foreach), OPTIMIZERS[optimizer](ref.parameters(), foreach)
+
+
 def train(
     *,
     mode: str,
@@ -190,10 +198,7 @@ def test_skipped_first_adam_step_keeps_only_initial_state():
     """Dynamo creates Adam's state (zeros, step 0) before tracing the first step, so a
     skipped first step leaves that initial state where eager has none; every later step
     then equals eager's (Adam starts from exactly those values)."""
-    torch.manual_seed(0)
-    model = small_mlp()
-    ref = copy.deepcopy(model)
-    opt, ref_opt = OPTIMIZERS["adam"](model.parameters(), True), OPTIMIZERS["adam"](ref.parameters(), True)
+    model, ref, opt, ref_opt = model_pair("adam", True)
     clip = clip_backend(max_norm=ACTIVE, skip_nonfinite=True)
     step = torch.compile(opt.step, backend=clip)
     for i in range(3):
@@ -316,10 +321,7 @@ def test_grad_scaler_fuse_false_step_is_refused():
 def test_grad_scaler_already_unscaled(how):
     """The user unscales (``scaler.unscale_(opt)``, or ``scaler.step(opt)`` with ``opt.step``
     replaced by the compiled step): the step must not unscale again."""
-    torch.manual_seed(0)
-    model = small_mlp()
-    ref = copy.deepcopy(model)
-    opt, ref_opt = OPTIMIZERS["sgd"](model.parameters(), False), OPTIMIZERS["sgd"](ref.parameters(), False)
+    model, ref, opt, ref_opt = model_pair("sgd", False)
     scaler, ref_scaler = torch.amp.GradScaler("cpu", init_scale=256.0), torch.amp.GradScaler("cpu", init_scale=256.0)
     clip = clip_backend(max_norm=ACTIVE, scaler=scaler)
     opt.step = torch.compile(opt.step, backend=clip)
@@ -368,10 +370,7 @@ def test_grad_scaler_refuses_fp16_gradients_like_unscale_():
 
 def test_disabled_scaler_is_ignored():
     """GradScaler(enabled=False) scales nothing; the clip must not unscale either."""
-    torch.manual_seed(0)
-    model = small_mlp()
-    ref = copy.deepcopy(model)
-    opt, ref_opt = OPTIMIZERS["sgd"](model.parameters(), False), OPTIMIZERS["sgd"](ref.parameters(), False)
+    model, ref, opt, ref_opt = model_pair("sgd", False)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     clip = clip_backend(max_norm=ACTIVE, scaler=scaler)
     step = torch.compile(opt.step, backend=clip)
@@ -397,12 +396,9 @@ def test_scaler_type_is_checked():
 
 def test_autocast_bf16_with_scaler():
     """torch.autocast (bf16 on CPU) around the forward, fp32 parameters and gradients."""
-    torch.manual_seed(0)
-    model = small_mlp()
-    ref = copy.deepcopy(model)
     # SGD: its update is linear in the gradient, so bf16 rounding differences stay that
     # size (Adam's normalisation turns them into lr-sized steps on near-zero elements)
-    opt, ref_opt = OPTIMIZERS["sgd"](model.parameters(), True), OPTIMIZERS["sgd"](ref.parameters(), True)
+    model, ref, opt, ref_opt = model_pair("sgd", True)
     scaler, ref_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0), torch.amp.GradScaler("cpu", init_scale=1024.0)
     clip = clip_backend(max_norm=ACTIVE, scaler=scaler)
     forward, step = torch.compile(model, backend=clip), torch.compile(opt.step, backend=clip)
