@@ -9,25 +9,28 @@ The step sees the final ``.grad`` of every parameter the optimizer updates, so t
 exact with gradient accumulation, graph breaks in the model, or an eager model. It clips the
 parameters of the optimizer (eager: ``clip_grad_norm_(all params of the optimizer)``).
 
-One object for model and step: once this backend has compiled a step, backwards leave the
-gradients alone and the step clips the final ``.grad`` (so accumulation needs no context
-manager). A backward that clipped before the step was compiled (the first one) makes the next
-step run with ``enabled=False``, so the gradients are clipped exactly once per step.
+One object for model and step: the backward graphs compute the norm, and where their records
+prove it is the norm of exactly the final ``.grad`` (``records.plan_norm``), a second variant
+of the step graph takes it as an input and reads each gradient once, in the update.
+
+Torch's step pre-hook (``compileclip.hooks``) decides per step whether the step graph clips
+(``Path.IN_GRAPH``) or the hook already did (then the graph runs with ``enabled=False``).
 """
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
 
+from .compiling import compile_graph
 from .passes import grad_placeholders, guard_input_mutations, insert_step_clip
 
 if TYPE_CHECKING:
     from .backend import ClipBackend
+    from .runtime import ClipRuntime
 
 
 def is_step_graph(gm: fx.GraphModule) -> bool:
@@ -96,11 +99,10 @@ class _ClippedStep:
 
     def __init__(
         self, compiled, backend: ClipBackend, device: torch.device, optimizer, guarded: bool,
-        outputs: tuple[str, ...], param_ids: frozenset[int], given=None, initializing: bool = False,
+        outputs: tuple[str, ...], given=None, initializing: bool = False,
     ) -> None:
         self.compiled = compiled
         self.outputs = outputs
-        self.param_ids = param_ids  # the parameters whose .grad the graph takes
         self.given = given  # (compiled variant that takes the norm as input, its outputs)
         # this graph creates optimizer state (the first step): a skipped step must not keep it
         self.initializing = initializing and guarded
@@ -119,18 +121,19 @@ class _ClippedStep:
         scale = None
         if rt.scaler is not None:
             amp_state, scale = _amp_begin(rt.scaler, self.optimizer, self.device)
-        handed = rt.take_norm_for_step(self.param_ids) if self.given is not None else None
-        clip = rt.begin_step()
+        opt = self.optimizer() if self.optimizer is not None else None
+        clip, handed = rt.take_step(opt)
         full = [*args, *rt.graph_inputs(self.device, clip, scale=scale)]
         compiled, outputs = self.compiled, self.outputs
-        if handed is not None and clip:
-            # the backward computed the norm of exactly these gradients
+        if handed is not None and self.given is not None:
+            # the backward graphs computed the norm of exactly these gradients
             compiled, outputs = self.given
             full.append(handed)
-            rt.mode_counts["step_norm_from_backward"] += 1
-        opt = state_before = None
+            rt.stats["norm_from_backward"] += 1
+        else:
+            handed = None
+        state_before = None
         if self.initializing:  # the optimizer is known: compile_step requires it then
-            opt = self.optimizer()
             state_before = {p: set(st) for p, st in opt.state.items()}
         # Dynamo calls what a backend returns with *args, whatever ``_boxed_call`` says
         # (aot_module_simplified's unboxed forward copies that attribute from its callee)
@@ -158,13 +161,12 @@ class _ClippedStep:
     def _drop_new_state_if_skipped(self, opt, state_before: dict, nonfinite: torch.Tensor) -> None:
         """The graph of a step that creates optimizer state (SGD's momentum buffer, Adam's
         moments and step count) stores that state unguarded, where eager skips ``opt.step()``
-        and has none. On a skipped step, the runtime removes what this step created before
-        the next backward (Dynamo installs the state after this call returns, and picks the
+        and has none. On a skipped step, the runtime removes what this step created at the
+        next step's pre-hook (Dynamo installs the state after this call returns, and picks the
         next step's graph by it). Reading the flag syncs with the host: once, on the first
         step only (later steps run another graph)."""
         if bool(nonfinite):
-            params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
-            self.runtime.drop_state_before_next_backward(opt, state_before, params)
+            self.runtime.state_drops.append((weakref.ref(opt), state_before))
 
 
 def _amp_begin(scaler, optimizer_ref, device: torch.device):
@@ -197,52 +199,7 @@ def _amp_begin(scaler, optimizer_ref, device: torch.device):
     return state, scaler._scale
 
 
-class _EagerClippedStep:
-    """``fuse=False``: eager clipping over the gradient inputs, then the compiled step
-    without a clip (for comparison and debugging)."""
-
-    def __init__(self, compiled, backend: ClipBackend, grad_positions: list[int]) -> None:
-        self.compiled = compiled
-        self.runtime = backend._runtime
-        self.grad_positions = grad_positions
-
-    def __call__(self, *args: Any) -> Any:
-        if self.runtime.begin_step():
-            self.runtime.clip_((args[i] for i in self.grad_positions), unscaled=True)
-        return self.compiled(*args)
-
-
-def _compile(config, gm: fx.GraphModule, inputs: list[Any], guard=None):
-    """Compile a step graph; ``guard`` (if given) rewrites the aten-level inference graph
-    AOTAutograd produces, as ``guard(graph, inner_inputs)``."""
-    from .backend import _no_autograd_cache
-
-    with _no_autograd_cache():
-        if config.inner == "aot_eager":
-            if guard is None:
-                return torch._dynamo.lookup_backend("aot_eager")(gm, inputs)
-            from torch._dynamo.backends.common import aot_autograd
-            from torch._functorch.aot_autograd import make_boxed_func
-
-            def fw(g, inner_inputs):
-                guard(g, inner_inputs)
-                return make_boxed_func(g.forward)
-
-            return aot_autograd(fw_compiler=fw)(gm, inputs)
-        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
-
-        if guard is None:
-            return compile_fx(gm, inputs)
-
-        def inner_compile(g, inner_inputs, **kwargs):
-            if not kwargs.get("is_backward", False):
-                guard(g, inner_inputs)
-            return compile_fx_inner(g, inner_inputs, **kwargs)
-
-        return compile_fx(gm, inputs, inner_compile=inner_compile)
-
-
-def compile_step(backend: ClipBackend, gm: fx.GraphModule, example_inputs: list[Any]):
+def compile_step_graph(backend: ClipBackend, gm: fx.GraphModule, example_inputs: list[Any], patches: dict):
     """Compile a Dynamo step graph with the clip inserted (see the module docstring)."""
     config = backend.config
     rt = backend._runtime
@@ -255,7 +212,6 @@ def compile_step(backend: ClipBackend, gm: fx.GraphModule, example_inputs: list[
             "skip_nonfinite=True (skip the update on the device), or "
             "clip_grad_norm_(..., error_if_nonfinite=True) before an uncompiled-clip step."
         )
-    rt.step_compiled = True
     grads = grad_placeholders(gm)
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     grad_positions = [placeholders.index(g) for g in grads]
@@ -263,6 +219,12 @@ def compile_step(backend: ClipBackend, gm: fx.GraphModule, example_inputs: list[
     optimizers = _frame_optimizers()
     _check_coverage(grad_inputs, optimizers)
     optimizer = optimizers[0] if len(optimizers) == 1 else None
+    if optimizer is not None and is_fused(optimizer):
+        # Dynamo runs the fused kernel eagerly: the step's pre-hook clips it
+        return compile_graph(config.inner, gm, example_inputs, config_patches=patches)
+    rt.graphs += 1
+    if optimizer is not None:
+        rt.step_optimizers.add(optimizer)
     if rt.scaler is not None and any(g.dtype == torch.float16 for g in grad_inputs):
         # GradScaler.unscale_ refuses these too (allow_fp16=False): fp16 master weights
         # lose the small updates loss scaling exists to keep
@@ -283,38 +245,13 @@ def compile_step(backend: ClipBackend, gm: fx.GraphModule, example_inputs: list[
             f"to one optimizer; this step graph sees {len(optimizers)}. Compile each "
             "optimizer's step separately"
         )
-    if not config.fuse:
-        if rt.scaler is not None:
-            # skipping an overflowed step means not running this graph, whose outputs Dynamo
-            # needs (the optimizer state it creates); only the fused step decides inside it
-            raise NotImplementedError(
-                "compileclip: fuse=False with a GradScaler is not supported for a compiled "
-                "optimizer step. Use fuse=True, or the eager recipe: scaler.unscale_(opt); "
-                "clip_grad_norm_(...); scaler.step(opt)"
-            )
-        return _EagerClippedStep(_compile(config, gm, example_inputs), backend, grad_positions)
+    if not config.fuse:  # the step's pre-hook clips eagerly (records.choose_path)
+        return compile_graph(config.inner, gm, example_inputs, config_patches=patches)
     device = grad_inputs[0].device
     amp = rt.scaler is not None
     guarded = guarded_config(config, rt)
-    param_ids = frozenset(
-        id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]
-        if p.grad is not None
-    )
-    model_ids = frozenset(i for i, p in rt.params.items() if p.grad is not None)
-    if backend._graphs and optimizers and model_ids != param_ids:
-        warnings.warn(
-            f"compileclip: this clip backend compiled a model and now the step of an optimizer "
-            f"that updates {len(param_ids & model_ids)} of the {len(model_ids)} trainable "
-            "parameters with a gradient (and "
-            f"{len(param_ids - model_ids)} others). A backward clips over the model's "
-            "parameters, a step over the optimizer's; the first backward, which ran before "
-            "the step was compiled, used the model's. Use separate clip objects for model "
-            "and step if the two sets are meant to differ.",
-            stacklevel=2,
-        )
-    # one clip object for model and step: a backward that produced every gradient computes
-    # the norm, and a second variant of the step takes it as an input (no norm loops)
-    use_given = bool(backend._graphs) and (config.computes_norm or amp) and len(optimizers) == 1
+    # one clip object for model and step: a variant that takes the backward graphs' norm
+    use_given = bool(len(rt.params)) and (config.computes_norm or amp) and optimizer is not None
 
     def build(given_norm: bool):
         g = _copy_dynamo_graph(gm)
@@ -340,14 +277,43 @@ def compile_step(backend: ClipBackend, gm: fx.GraphModule, example_inputs: list[
                 raise RuntimeError("compileclip: unexpected inputs of the compiled step graph")
             guard_input_mutations(inner, -1, exclude=[offset + i for i in grad_positions])
 
-        return _compile(config, g, inputs, guard if guarded else None), insertion.outputs
+        return compile_graph(config.inner, g, inputs, forward_rewrite=guard if guarded else None, config_patches=patches), insertion.outputs
 
     compiled, outputs = build(given_norm=False)
     given = build(given_norm=True) if use_given else None
-    return _ClippedStep(compiled, backend, device, optimizer, guarded, outputs, param_ids, given, initializing)
+    return _ClippedStep(compiled, backend, device, optimizer, guarded, outputs, given, initializing)
 
 
 def guarded_config(config, rt) -> bool:
     """Whether steps are skipped on a nonfinite norm (the skip policy, or GradScaler's)."""
     return config.skip_nonfinite or rt.scaler is not None
 
+
+
+def is_fused(opt: torch.optim.Optimizer) -> bool:
+    """Whether ``opt`` runs a fused kernel, which Dynamo does not trace (``fused=True``)."""
+    return any(group.get("fused") for group in opt.param_groups) or bool(opt.defaults.get("fused"))
+
+
+class CompiledStep:
+    """What ``clip.compile_step(opt)`` returns: call it as ``opt.step``. Dynamo's recompile
+    limit raises here instead of silently running the step uncompiled (and unclipped, as the
+    pre-hook left the clip to the graph); the step is then run eagerly, clipped by the hook."""
+
+    def __init__(self, optimizer, compiled, runtime: ClipRuntime) -> None:
+        self.optimizer = optimizer
+        self.compiled = compiled  # None: a fused optimizer, stepped eagerly
+        self.runtime = runtime
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is None:
+            return self.optimizer.step(*args, **kwargs)
+        from torch._dynamo.exc import FailOnRecompileLimitHit
+
+        try:
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                return self.compiled(*args, **kwargs)
+        except FailOnRecompileLimitHit:
+            self.runtime.abort_step()
+            self.runtime.stats["step_recompile_limit"] += 1
+            return self.optimizer.step(*args, **kwargs)

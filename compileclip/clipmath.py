@@ -1,0 +1,98 @@
+"""The clip's arithmetic, eagerly, in one place (the graph passes build the same formulas):
+
+    total = ||(||g_1||_p, ..., ||g_n||_p)||_p      per-tensor norms accumulated in float32
+    coef  = clamp(max_norm / (total + 1e-6), max=1)
+    g_i  *= coef                                   one _foreach_mul_ per device
+    g_i   = clamp(g_i, -clip_value, clip_value)    if clip_value is set, after the norm clip
+
+DTensor gradients (FSDP2, tensor parallel) go through torch's own ``get_total_norm`` and
+``clip_grads_with_norm_``, which reduce across ranks (sum of p-th powers, MAX for inf) as eager
+``clip_grad_norm_`` does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+EPS = 1e-6  # eager clip_grad_norm_ adds this to the norm before dividing
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a build without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def sparse_error(what: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"compileclip: {what} has sparse gradients (nn.Embedding/EmbeddingBag(sparse=True)). "
+        "Eager torch.nn.utils.clip_grad_norm_ refuses them too (linalg_vector_norm has no "
+        "sparse kernel): use sparse=False, or clip those parameters yourself"
+    )
+
+
+def nonfinite_error(norm_type: float) -> RuntimeError:
+    return RuntimeError(
+        f"The total norm of order {norm_type} for gradients from `parameters` is "
+        "non-finite, so it cannot be clipped. To disable this error and scale the "
+        "gradients by the non-finite norm anyway, set `error_if_nonfinite=False`"
+    )
+
+
+def per_tensor_norms(grads: Sequence[torch.Tensor], norm_type: float, device: torch.device) -> list[torch.Tensor]:
+    """``||g||_p`` of each gradient in float32, on ``device``."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    norms = []
+    for (dev, _), gs in groups.items():
+        if dev.type in ("cpu", "cuda", "xpu"):
+            ns = torch._foreach_norm(gs, norm_type, dtype=torch.float32)
+        else:
+            ns = [torch.linalg.vector_norm(g, norm_type, dtype=torch.float32) for g in gs]
+        norms.extend(n.to(device) for n in ns)
+    return norms
+
+
+def combine(norms: Sequence[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """The norm of a set of gradients from the norms of its parts (eager's norm of norms)."""
+    device = norms[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
+
+
+def coefficient(max_norm: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(max_norm / (total + EPS), max=1.0)
+
+
+def scale_(grads: Sequence[torch.Tensor], coef: torch.Tensor) -> None:
+    groups: dict[torch.device, list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault(g.device, []).append(g)
+    for dev, gs in groups.items():
+        torch._foreach_mul_(gs, coef.to(dev))
+
+
+def clamp_values_(grads: Sequence[torch.Tensor], clip_value: float, keep_nonfinite: bool = False) -> None:
+    """``clip_grad_value_``; ``keep_nonfinite`` lets inf survive for a later skip decision."""
+    if not keep_nonfinite:
+        torch._foreach_clamp_min_(list(grads), -clip_value)
+        torch._foreach_clamp_max_(list(grads), clip_value)
+        return
+    for g in grads:
+        g.copy_(torch.where(g.abs() < math.inf, g.clamp(-clip_value, clip_value), g))
+
+
+def dtensor_clip_(params: Sequence[torch.Tensor], max_norm, norm_type: float, error_if_nonfinite: bool) -> torch.Tensor:
+    """Eager ``clip_grad_norm_`` over DTensor gradients, with torch's own two halves (the norm is
+    a DTensor whose reduction across ranks DTensor performs). Returns the total norm as a plain
+    tensor, the same on every rank."""
+    grads = [p.grad for p in params]
+    total = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite, None)
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, None)
+    return total.full_tensor() if is_dtensor(total) else total
