@@ -1,4 +1,4 @@
-"""Child process of test_cache.py: compile one model, report whether its grads were clipped.
+"""Child process of test_cache.py: compile one model, report whether the step clipped it like eager.
 
 usage: python cache_child.py plain|clip MAX_NORM
 Prints one JSON line: the max deviation from eager clip_grad_norm_ and cache counters.
@@ -20,6 +20,8 @@ model = zoo.mlp(64)
 ref = copy.deepcopy(model)
 clip = clip_backend(max_norm=max_norm) if mode == "clip" else None
 compiled = torch.compile(model, backend=clip) if clip else torch.compile(model)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
 worst = 0.0
 for step in range(2):
     x = torch.randn(6, 8)
@@ -29,6 +31,9 @@ for step in range(2):
     ref(x).pow(2).mean().backward()
     if clip:
         norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
+    opt.step()  # the clip runs here, with the norm the backward graph computed
+    ref_opt.step()
+    if clip:
         worst = max(worst, abs(float(clip.total_norm) - float(norm)))
     worst = max(worst, *((p.grad - q.grad).abs().max().item() for p, q in zip(model.parameters(), ref.parameters())))
 counters = torch._dynamo.utils.counters

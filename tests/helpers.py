@@ -79,6 +79,9 @@ def compare_with_eager(
         ref_norm = eager_clip(ref, max_norm, norm_type, reference_dtype)
         if check_clip_state:
             assert_clip_state(ref_norm, max_norm)
+        opt.step()  # the clip runs here, as eager's right before the step
+        ref_opt.step()
+        # .grad after the step is what the optimizer consumed (SGD leaves it as it was given)
         for (name, p), q in zip(model.named_parameters(), ref.parameters()):
             assert (p.grad is None) == (q.grad is None), name
             if p.grad is not None:
@@ -88,8 +91,6 @@ def compare_with_eager(
             msg=lambda m: f"step {step} total norm: {m}",
         )
         assert clip.total_norm.dtype == torch.float32 and clip.total_norm.dim() == 0
-        opt.step()
-        ref_opt.step()
         for (name, p), q in zip(model.named_parameters(), ref.parameters()):
             torch.testing.assert_close(p, q, **tol, msg=lambda m: f"step {step} param {name}: {m}")
     if expect_stats is not None:

@@ -1,0 +1,266 @@
+"""One rank of the 2-process gloo runs of ``test_distributed.py``.
+
+Each case trains a copy of one model for ``STEPS`` steps with the clip active (small
+``max_norm``) and inactive (huge ``max_norm``), on random data that differs per rank and
+step, and compares after every step with the same wrapper (DDP / FSDP2) run eagerly:
+``clip_grad_norm_(model.parameters(), max_norm, norm_type); opt.step()``. The eager
+reference runs first, before any clip object exists, and keeps snapshots: parameters,
+``.grad`` after the step, and the returned total norm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import functools
+import math
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+STEPS = 3
+ACTIVE = 1e-3  # every model here has a pre-clip norm well above this (asserted)
+INACTIVE = 1e6  # ... and well below this (asserted)
+WORLD = 2
+
+# name: (wrapper, what is compiled, settings)
+#   wrapper: "ddp" | "fsdp"; compiled: "model" | "blocks" | "step" | "model+step"
+CASES = {
+    # DDPOptimizer splits the graph at DDP's buckets: 1 MiB buckets over 4 blocks of
+    # 512x512 (1 MiB each) give several graphs, each compiled by the clip backend
+    "ddp_split": dict(wrapper="ddp", compiled="model", width=512, ddp=dict(bucket_cap_mb=1),
+                      optim="sgd", min_graphs=3),
+    "ddp_one_graph": dict(wrapper="ddp", compiled="model", optimize_ddp=False, optim="adamw",
+                          inner="inductor", max_graphs=1),
+    "ddp_bucket_view": dict(wrapper="ddp", compiled="model", ddp=dict(gradient_as_bucket_view=True),
+                            optim="sgd"),
+    "ddp_model_and_step": dict(wrapper="ddp", compiled="model+step", optim="adamw"),
+    "ddp_step_only": dict(wrapper="ddp", compiled="step", optim="sgd"),
+    "fsdp_model_l2": dict(wrapper="fsdp", compiled="model", optim="adamw", inner="inductor"),
+    "fsdp_model_linf": dict(wrapper="fsdp", compiled="model", optim="sgd", norm_type=math.inf),
+    "fsdp_blocks_l2": dict(wrapper="fsdp", compiled="blocks", optim="sgd"),
+    "fsdp_blocks_linf": dict(wrapper="fsdp", compiled="blocks", optim="adamw", norm_type=math.inf),
+    "fsdp_step": dict(wrapper="fsdp", compiled="step", optim="sgd"),
+}
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return x + self.act(self.lin(x))
+
+
+class Net(nn.Module):
+    def __init__(self, width: int = 16, depth: int = 4) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width) for _ in range(depth))
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(x)
+
+
+def make_opt(name: str, params):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+
+
+def batch(rank: int, step: int, width: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 + 100 * rank + step)  # differs per rank and step
+    return torch.randn(8, width, generator=g)
+
+
+def loss_fn(out: torch.Tensor) -> torch.Tensor:
+    return out.pow(2).sum(dim=1).mean()
+
+
+def is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter or gradient (the shard of an FSDP2 DTensor)."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A total norm as a plain tensor: eager FSDP2 returns a DTensor (collective on both
+    ranks, which run the same code path)."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def wrap(model: nn.Module, case: dict, mesh):
+    if case["wrapper"] == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, **case.get("ddp", {}))
+    from torch.distributed.fsdp import fully_shard
+
+    for blk in model.blocks:
+        fully_shard(blk, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def params_of(wrapped: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return list(wrapped.named_parameters())
+
+
+def run_reference(base: nn.Module, case: dict, mesh, rank: int, max_norm: float) -> list[dict]:
+    """Eager DDP/FSDP2 with clip_grad_norm_ then opt.step(); snapshots after every step."""
+    norm_type = case.get("norm_type", 2.0)
+    model = wrap(copy.deepcopy(base), case, mesh)
+    opt = make_opt(case["optim"], model.parameters())
+    snaps = []
+    for step in range(STEPS):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(batch(rank, step, case["width"]))).backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, norm_type)
+        opt.step()
+        norm = full(norm).detach().clone()
+        # keep the tests honest: 'active' must really scale, 'inactive' must not
+        assert (float(norm) > max_norm) == (max_norm == ACTIVE), (float(norm), max_norm)
+        snaps.append(dict(
+            norm=norm,
+            params={n: local(p).detach().clone() for n, p in params_of(model)},
+            grads={n: None if p.grad is None else local(p.grad).clone() for n, p in params_of(model)},
+        ))
+    return snaps
+
+
+_graph_counts: dict[int, int] = {}
+
+
+def count_backend_calls(clip) -> None:
+    """Count the graphs Dynamo hands to this clip object (one per DDPOptimizer subgraph), by
+    wrapping its class's __call__ in this process only."""
+    cls = type(clip)
+    if getattr(cls.__call__, "_counting", False):
+        return
+    orig = cls.__call__
+
+    @functools.wraps(orig)
+    def counting(self, *args, **kwargs):
+        _graph_counts[id(self)] = _graph_counts.get(id(self), 0) + 1
+        return orig(self, *args, **kwargs)
+
+    counting._counting = True
+    cls.__call__ = counting
+
+
+def assert_ranks_equal(failures: list[str], tensors: dict[str, torch.Tensor], what: str) -> None:
+    for name, t in tensors.items():
+        gathered = [torch.empty_like(t) for _ in range(WORLD)]
+        dist.all_gather(gathered, t.detach().contiguous())
+        soft(failures, lambda: torch.testing.assert_close(
+            gathered[0], gathered[1], msg=lambda m: f"{what} {name}, rank 0 vs rank 1: {m}"))
+
+
+def soft(failures: list[str], check) -> None:
+    """Run one assertion; record its failure instead of raising, so that both ranks keep
+    issuing the same collectives and every run (active, inactive) reports. Any other
+    exception propagates at once (spawn then terminates the other rank)."""
+    try:
+        check()
+    except AssertionError as e:
+        if len(failures) < 4:  # the first few say enough; later steps inherit the drift
+            failures.append(str(e))
+        elif len(failures) == 4:
+            failures.append("... (further mismatches of this run not shown)")
+
+
+def run_compiled(base: nn.Module, case: dict, mesh, rank: int, max_norm: float, snaps: list[dict]) -> list[str]:
+    """Train with the clip backend and compare with the eager snapshots; returns the
+    mismatches (empty when everything matched)."""
+    from compileclip import clip_backend
+
+    failures: list[str] = []
+
+    norm_type = case.get("norm_type", 2.0)
+    compiled_what = case["compiled"]
+    clip = clip_backend(max_norm=max_norm, norm_type=norm_type, inner=case.get("inner", "aot_eager"))
+    count_backend_calls(clip)
+    ctx = (torch._dynamo.config.patch(optimize_ddp=False) if case.get("optimize_ddp") is False
+           else contextlib.nullcontext())
+    tag = f"[{case['name']} rank {rank} max_norm={max_norm} norm_type={norm_type}]"
+    with ctx:
+        model = wrap(copy.deepcopy(base), case, mesh)
+        run = model
+        if compiled_what in ("model", "model+step"):
+            run = torch.compile(model, backend=clip)
+        elif compiled_what == "blocks":
+            for blk in model.blocks:
+                blk.compile(backend=clip)
+        opt = make_opt(case["optim"], model.parameters())
+        step = clip.compile_step(opt) if compiled_what in ("step", "model+step") else opt.step
+        for i, snap in enumerate(snaps):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(run(batch(rank, i, case["width"]))).backward()
+            step()
+            where = f"{tag} step {i}"
+            for name, p in params_of(model):
+                ref_g = snap["grads"][name]
+
+                def check_grad():
+                    assert (p.grad is None) == (ref_g is None), f"{where}: .grad of {name} is {p.grad}, eager {ref_g}"
+                    if ref_g is not None:
+                        torch.testing.assert_close(local(p.grad), ref_g, msg=lambda m: f"{where} .grad of {name}: {m}")
+
+                soft(failures, check_grad)
+                soft(failures, lambda: torch.testing.assert_close(
+                    local(p.detach()), snap["params"][name], msg=lambda m: f"{where} param {name}: {m}"))
+            ours = full(clip.total_norm).detach()  # outside soft(): full() may be a collective
+            soft(failures, lambda: torch.testing.assert_close(
+                ours, snap["norm"], msg=lambda m: f"{where} total_norm (eager {float(snap['norm'])}): {m}"))
+            if case["wrapper"] == "ddp":
+                assert_ranks_equal(failures, dict(params_of(model)), f"{where} param")
+    graphs = _graph_counts.get(id(clip), 0)
+    if "min_graphs" in case:
+        soft(failures, lambda: _check(graphs >= case["min_graphs"],
+                                      f"{tag} expected several graphs (DDPOptimizer split), the clip compiled {graphs}"))
+    if "max_graphs" in case:
+        soft(failures, lambda: _check(graphs <= case["max_graphs"], f"{tag} expected one graph, the clip compiled {graphs}"))
+    return failures
+
+
+def _check(ok: bool, msg: str) -> None:
+    assert ok, msg
+
+
+def main(rank: int, port: int, name: str) -> None:
+    """Entry point for torch.multiprocessing.spawn."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=300))
+    try:
+        case = {"width": 16, **CASES[name], "name": name}
+        mesh = None
+        if case["wrapper"] == "fsdp":
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh("cpu", (WORLD,))
+        torch.manual_seed(0)  # the same initial model on every rank (FSDP2 does not broadcast)
+        base = Net(case["width"])
+        refs = {m: run_reference(base, case, mesh, rank, m) for m in (ACTIVE, INACTIVE)}
+        failures = []
+        for max_norm, snaps in refs.items():
+            torch._dynamo.reset()
+            failures += run_compiled(base, case, mesh, rank, max_norm, snaps)
+        dist.barrier()
+        if failures:
+            raise AssertionError(f"{len(failures)} mismatch(es) on rank {rank}:\n\n" + "\n\n".join(failures))
+    finally:
+        dist.destroy_process_group()
