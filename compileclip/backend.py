@@ -155,9 +155,9 @@ class ClipBackend:
             raise TypeError(f"compile_step needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
         rt = self._runtime
         if is_fused(optimizer):
-            rt.fused_optimizers.add(optimizer)
+            rt.add_step_optimizer(optimizer, fused=True)
             return CompiledStep(optimizer, None, rt)
-        rt.step_optimizers.add(optimizer)
+        rt.add_step_optimizer(optimizer)
         return CompiledStep(optimizer, torch.compile(optimizer.step, backend=self, **compile_kwargs), rt)
 
     def accumulate(self):
@@ -173,6 +173,14 @@ class ClipBackend:
     # -- the backend ----------------------------------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any], *, mode: str | None = None,
                  options: dict | None = None) -> Any:
+        try:
+            return self._compile(gm, example_inputs, mode, options)
+        except BaseException:
+            # Dynamo keeps a backend that raised alive: it must not take unknown optimizers
+            self._runtime.failed = True
+            raise
+
+    def _compile(self, gm: fx.GraphModule, example_inputs: list[Any], mode, options) -> Any:
         patches = inductor_patches(mode, options)
         rt = self._runtime
         if is_step_graph(gm):  # torch.compile(opt.step): clip inside the step (step.py)
@@ -184,10 +192,11 @@ class ClipBackend:
             i: t for i, t in enumerate(example_inputs)
             if isinstance(t, torch.nn.Parameter) and t.requires_grad
         }
+        rt.add_modules(mods)
         for mod in mods:
             rt.add_params(mod.parameters())
         rt.add_params(param_idx.values())
-        rt.graphs += 1
+        rt.graph_compiled()
         rewrite = None
         if param_idx and self.config.fuse and (self.config.computes_norm or rt.scaler is not None):
             rewrite = lambda g, inputs: self._norm_in_backward(param_idx, g, inputs, patches)  # noqa: E731

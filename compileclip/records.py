@@ -57,6 +57,7 @@ class StepRecord:
     # the norm handed to a compiled step (all of its gradients covered by backward graphs)
     handed_norm: torch.Tensor | None = None
     done: bool = False  # the clip was applied (by the hook, the closure, or the step graph)
+    graphless_owner: bool = False  # the clip owns this optimizer only for having compiled nothing
 
 
 def choose_path(*, compiled_frame: bool, has_step_graph: bool, closure: bool, fuse: bool) -> Path:

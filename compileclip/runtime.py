@@ -10,6 +10,7 @@ backward graphs where their records prove it is the norm of exactly the final ``
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 import weakref
 from collections import Counter
@@ -17,11 +18,28 @@ from collections.abc import Sequence
 
 import torch
 
-from . import clipmath
+from . import clipmath, hooks
 from .config import ClipConfig
 from .records import GraphRun, Path, StepRecord, choose_path, plan_norm
 
 _MAX_RUNS = 256  # records kept between steps (a loop that never steps must not grow them)
+
+
+def _invisible_writers() -> str | None:
+    """Why ``.grad`` may have changed without its version counter moving, or None. c10d
+    collectives (DDP's reducer, FSDP, a manual ``dist.all_reduce(p.grad)``) and
+    ``GradScaler.unscale_``'s fused kernel write into gradients without bumping versions
+    (measured on torch 2.13), so the backward's norm is trusted only without them."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return "distributed"
+    f = sys._getframe(1)
+    for _ in range(24):  # scaler.step(opt) -> opt.step() -> the hooks: a few frames up
+        if f is None:
+            break
+        if isinstance(f.f_locals.get("self"), torch.amp.GradScaler):
+            return "grad_scaler"
+        f = f.f_back
+    return None
 
 
 def _step_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -34,7 +52,16 @@ class ClipRuntime:
         self.scaler = scaler  # an enabled GradScaler, for the compiled step
         # parameters of compiled model graphs, by id (an entry goes with its parameter)
         self.params: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        # the modules of the compiled frames: their parameters as they are at a step count too
+        # (FSDP2 swaps its sharded parameters back in after the forward the graph saw)
+        self.modules: weakref.WeakSet = weakref.WeakSet()
         self.step_optimizers: weakref.WeakSet = weakref.WeakSet()  # steps this clip compiles
+        # optimizers this clip took while it had compiled nothing (hooks.owner_of)
+        self.bound_optimizers: weakref.WeakSet = weakref.WeakSet()
+        self.failed = False  # a compile with this clip raised: it never takes unknown optimizers
+        # it compiled a graph, or took an optimizer: never graphless again, even once the
+        # optimizer is gone (a sweep's earlier trials must not take the next trial's steps)
+        self.engaged = False
         self.fused_optimizers: weakref.WeakSet = weakref.WeakSet()  # compile_step refused to trace
         self.graphs = 0  # graphs this clip compiled (model and step)
         self.distributed = False  # a DDP forward ran: the reducer rewrites .grad after the graphs
@@ -54,17 +81,44 @@ class ClipRuntime:
     # -- what this clip covers ------------------------------------------------------------
     def add_params(self, params) -> None:
         for p in params:
-            if p.requires_grad:
+            if p.requires_grad and id(p) not in self.params:
                 self.params[id(p)] = p
+                hooks.changed()
+
+    def graph_compiled(self) -> None:
+        self.graphs += 1
+        self.engaged = True
+        hooks.changed()
+
+    def bind(self, opt: torch.optim.Optimizer) -> None:
+        """Take ``opt`` while this clip has compiled nothing (``hooks.owner_of``)."""
+        self.bound_optimizers.add(opt)
+        self.engaged = True
+        hooks.changed()
+
+    def add_step_optimizer(self, opt: torch.optim.Optimizer, fused: bool = False) -> None:
+        """``opt``'s step is compiled with this clip (or, ``fused``, stepped eagerly by it)."""
+        (self.fused_optimizers if fused else self.step_optimizers).add(opt)
+        self.engaged = True
+        hooks.changed()
+
+    def add_modules(self, mods) -> None:
+        for m in mods:
+            if m not in self.modules:
+                self.modules.add(m)
+                hooks.changed()
 
     def knows(self, opt: torch.optim.Optimizer) -> bool:
-        if opt in self.step_optimizers or opt in self.fused_optimizers:
+        if opt in self.step_optimizers or opt in self.fused_optimizers or opt in self.bound_optimizers:
             return True
-        return any(id(p) in self.params for group in opt.param_groups for p in group["params"])
+        ids = {id(p) for group in opt.param_groups for p in group["params"]}
+        if any(i in self.params for i in ids):
+            return True
+        return any(id(p) in ids for m in list(self.modules) for p in m.parameters())
 
     @property
     def graphless(self) -> bool:
-        return self.graphs == 0 and not len(self.step_optimizers) and not len(self.fused_optimizers)
+        return not self.failed and not self.engaged
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -146,7 +200,10 @@ class ClipRuntime:
         Consumes every record that touches these parameters."""
         ids = frozenset(id(p) for p in params)
         facts = [(r.param_ids(), r.usable and self.intact(r)) for r in self.runs]
-        used, left = plan_norm(facts, ids) if self.config.fuse else ([], ids)
+        distrust = _invisible_writers() if self.config.fuse and self.runs else "fuse=False"
+        used, left = plan_norm(facts, ids) if distrust is None else ([], ids)
+        if distrust is not None and self.runs:
+            self.stats[f"norm_not_trusted_{distrust}"] += 1
         runs = [self.runs[i] for i in used]
         self.runs = [r for r, (rids, _) in zip(self.runs, facts) if not (rids & ids)]
         return runs, [p for p in params if id(p) in left]

@@ -222,9 +222,9 @@ def compile_step_graph(backend: ClipBackend, gm: fx.GraphModule, example_inputs:
     if optimizer is not None and is_fused(optimizer):
         # Dynamo runs the fused kernel eagerly: the step's pre-hook clips it
         return compile_graph(config.inner, gm, example_inputs, config_patches=patches)
-    rt.graphs += 1
+    rt.graph_compiled()
     if optimizer is not None:
-        rt.step_optimizers.add(optimizer)
+        rt.add_step_optimizer(optimizer)
     if rt.scaler is not None and any(g.dtype == torch.float16 for g in grad_inputs):
         # GradScaler.unscale_ refuses these too (allow_fp16=False): fp16 master weights
         # lose the small updates loss scaling exists to keep

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 STEPS = 3
-ACTIVE = 1e-3  # every model here has a pre-clip norm well above this (asserted)
+ACTIVE = 0.05  # every model here has a pre-clip norm well above this (asserted)
 INACTIVE = 1e6  # ... and well below this (asserted)
 WORLD = 2
 
@@ -30,7 +30,7 @@ WORLD = 2
 #   wrapper: "ddp" | "fsdp"; compiled: "model" | "blocks" | "step" | "model+step"
 CASES = {
     # DDPOptimizer splits the graph at DDP's buckets: 1 MiB buckets over 4 blocks of
-    # 512x512 (1 MiB each) give several graphs, each compiled by the clip backend
+    # 512x512 (1 MiB each) give several graphs (4 on torch 2.13), each compiled by the clip
     "ddp_split": dict(wrapper="ddp", compiled="model", width=512, ddp=dict(bucket_cap_mb=1),
                       optim="sgd", min_graphs=3),
     "ddp_one_graph": dict(wrapper="ddp", compiled="model", optimize_ddp=False, optim="adamw",
@@ -54,7 +54,7 @@ class Block(nn.Module):
         self.act = nn.ReLU()
 
     def forward(self, x):
-        return x + self.act(self.lin(x))
+        return self.act(self.lin(x))
 
 
 class Net(nn.Module):
@@ -81,7 +81,7 @@ def batch(rank: int, step: int, width: int) -> torch.Tensor:
 
 
 def loss_fn(out: torch.Tensor) -> torch.Tensor:
-    return out.pow(2).sum(dim=1).mean()
+    return (out - 1).pow(2).mean()
 
 
 def is_dtensor(t) -> bool:
@@ -175,9 +175,12 @@ def soft(failures: list[str], check) -> None:
     try:
         check()
     except AssertionError as e:
-        if len(failures) < 4:  # the first few say enough; later steps inherit the drift
+        # the first few in full, then one line each (later steps inherit the drift)
+        if len(failures) < 4:
             failures.append(str(e))
-        elif len(failures) == 4:
+        elif len(failures) < 16:
+            failures.append(str(e).splitlines()[0])
+        elif len(failures) == 16:
             failures.append("... (further mismatches of this run not shown)")
 
 
@@ -221,9 +224,15 @@ def run_compiled(base: nn.Module, case: dict, mesh, rank: int, max_norm: float, 
                 soft(failures, check_grad)
                 soft(failures, lambda: torch.testing.assert_close(
                     local(p.detach()), snap["params"][name], msg=lambda m: f"{where} param {name}: {m}"))
-            ours = full(clip.total_norm).detach()  # outside soft(): full() may be a collective
-            soft(failures, lambda: torch.testing.assert_close(
-                ours, snap["norm"], msg=lambda m: f"{where} total_norm (eager {float(snap['norm'])}): {m}"))
+            try:
+                ours = clip.total_norm
+            except Exception as e:  # e.g. a RuntimeError: record it with the mismatches so far
+                ours = None
+                soft(failures, lambda: _check(False, f"{where} clip.total_norm raised {type(e).__name__}: {e}"))
+            if ours is not None:
+                ours = full(ours).detach()  # outside soft(): full() may be a collective
+                soft(failures, lambda: torch.testing.assert_close(
+                    ours, snap["norm"], msg=lambda m: f"{where} total_norm (eager {float(snap['norm'])}): {m}"))
             if case["wrapper"] == "ddp":
                 assert_ranks_equal(failures, dict(params_of(model)), f"{where} param")
     graphs = _graph_counts.get(id(clip), 0)

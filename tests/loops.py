@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import copy
 import gc
+import multiprocessing
 import sys
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,20 +43,29 @@ from compileclip import clip_backend
 from helpers import ACTIVE, INACTIVE, assert_clip_state
 
 __all__ = ["ACTIVE", "INACTIVE", "Side", "Step", "compare", "compare_with_eager", "compiled_side",
-           "eager_side", "isolated", "per_model_clips", "per_opt", "regional", "step_compiled", "train",
-           "whole_model"]
+           "eager_side", "in_fresh_process", "isolated", "per_model_clips", "per_opt", "regional",
+           "step_compiled", "train", "whole_model"]
+
+
+_clips_made: list[weakref.ref] = []  # every clip the harness made, weakly
 
 
 @pytest.fixture(autouse=True)
 def isolated():
-    """Import into a test module: no clip object of an earlier test is alive when a test
-    starts (clips hear every optimizer step in the process while they live; a failed test's
-    traceback, kept for post-mortem debugging, or a reference cycle would keep them)."""
-    sys.last_type = sys.last_value = sys.last_traceback = None
+    """Import into a test module. A clip object hears every optimizer step of the process while
+    it lives: one left alive by a test would act in the tests after it. So, after each test,
+    fail it if a clip it made is still alive once torch._dynamo.reset() and gc.collect() ran."""
+    yield
+    sys.last_type = sys.last_value = sys.last_traceback = None  # a failed test's frames
     if hasattr(sys, "last_exc"):
         sys.last_exc = None
+    torch._dynamo.reset()  # Dynamo's caches hold the backends they compiled with
     gc.collect()
-    yield
+    alive = sum(ref() is not None for ref in _clips_made)
+    _clips_made.clear()
+    if alive:
+        pytest.fail(f"{alive} clip object(s) made by this test are still alive after torch._dynamo.reset() "
+                    "and gc.collect(): they would hear every later optimizer step of this process")
 
 
 class Step:
@@ -97,8 +108,8 @@ class Step:
             # or a global optimizer hook of the library touched an optimizer it does not own
             for k, (g, c) in enumerate(zip(grads, self._clipped)):
                 assert (g is None) == (c is None) and (g is None or torch.equal(g, c)), (
-                    f"the .grad of parameter {k} of the EAGER reference's optimizer changed "
-                    "during its step (a global optimizer hook of compileclip clipped it?)")
+                    f"the .grad of parameter {k} of an eagerly clipped optimizer (no clip of its own) "
+                    "changed during its step: a global optimizer hook of compileclip clipped it?")
             norm = self._eager_norm
         else:
             norm = self.clip.total_norm.clone()
@@ -161,7 +172,12 @@ def step_compiled(compile_model: bool):
 
 def compiled_side(models, opts, setup=whole_model(), *, max_norm: float, norm_type: float = 2.0,
                   **clip_kwargs) -> Side:
-    run_models, steps = setup(models, opts, lambda: clip_backend(max_norm=max_norm, norm_type=norm_type, **clip_kwargs))
+    def new_clip():
+        clip = clip_backend(max_norm=max_norm, norm_type=norm_type, **clip_kwargs)
+        _clips_made.append(weakref.ref(clip))
+        return clip
+
+    run_models, steps = setup(models, opts, new_clip)
     return Side(models, run_models, opts, steps)
 
 
@@ -220,6 +236,14 @@ def compare_with_eager(run, make_models, make_opts, setup=whole_model(), *, max_
     compare(train(run, compiled, range(iterations)), ref_trace, max_norm, tol)
     assert isinstance(compiled.clip.stats, dict)
     return compiled
+
+
+def in_fresh_process(fn, *args):
+    """``fn(*args)`` in a new Python process (for what leaves state behind in this one);
+    returns its result, or raises its exception here. ``fn`` must be importable."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(fn, args)
 
 
 def per_opt(factory: Callable):

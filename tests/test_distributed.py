@@ -16,7 +16,6 @@ import socket
 import time
 
 import pytest
-import torch
 import torch.distributed as dist
 
 if not dist.is_available() or not dist.is_gloo_available():

@@ -12,6 +12,7 @@ More loops in ``test_real_loops_2.py``.
 from __future__ import annotations
 
 import copy
+import gc
 import warnings
 
 import pytest
@@ -20,8 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import models
-from loops import (ACTIVE, INACTIVE, compare_with_eager, compiled_side, eager_side, isolated,  # noqa: F401
-                   per_model_clips, regional, step_compiled, whole_model)
+from loops import (ACTIVE, INACTIVE, compare_with_eager, compiled_side, eager_side, in_fresh_process,  # noqa: F401
+                   isolated, per_model_clips, regional, step_compiled, train, whole_model)
 
 AOT = {"inner": "aot_eager"}  # the same graphs without Inductor: fast compiles
 
@@ -127,9 +128,12 @@ def test_sweep_of_ten_trials(max_norm):
     # at its recompile limit (8) for the model's forward and runs it eagerly
     for trial in range(10):
         lr = 0.01 * (trial + 1)
-        compare_with_eager(supervised(), lambda: [models.mlp()],
-                           lambda ms: [torch.optim.SGD(ms[0].parameters(), lr=lr, momentum=0.9)],
-                           max_norm=max_norm, iterations=2, seed=trial, **AOT)
+        try:
+            compare_with_eager(supervised(), lambda: [models.mlp()],
+                               lambda ms: [torch.optim.SGD(ms[0].parameters(), lr=lr, momentum=0.9)],
+                               max_norm=max_norm, iterations=2, seed=trial, **AOT)
+        except Exception as e:
+            raise AssertionError(f"trial {trial} of the sweep: {type(e).__name__}: {e}") from e
 
 
 # -- 5. GANs ---------------------------------------------------------------------------------------
@@ -236,7 +240,7 @@ class SparseBag(nn.Module):
         return self.out(self.emb(idx).mean(1))
 
 
-def test_sparse_embedding_raises(max_norm):
+def sparse_scenario(max_norm):
     torch.manual_seed(0)
     model = SparseBag()
     ref = copy.deepcopy(model)
@@ -256,3 +260,26 @@ def test_sparse_embedding_raises(max_norm):
     # as eager: no update with unclipped gradients
     for p, b in zip(model.parameters(), before):
         torch.testing.assert_close(p.detach(), b)
+
+
+# in a fresh process: Dynamo keeps a backend that raised alive (torch._dynamo.reset() and
+# gc.collect() do not free it), and a live clip hears every optimizer step of the process
+
+
+def test_sparse_embedding_raises(max_norm):
+    in_fresh_process(sparse_scenario, max_norm)
+
+
+def plain_training_after_sparse_error():
+    sparse_scenario(ACTIVE)
+    torch._dynamo.reset()
+    gc.collect()
+    # later in the process, a model trained eagerly, no clip object: the failed one must not
+    # clip its steps (Step.record checks) nor refuse them
+    torch.manual_seed(0)
+    model = models.mlp()
+    train(supervised(), eager_side([model], sgd([model]), max_norm=ACTIVE), range(2))
+
+
+def test_failed_clip_leaves_later_training_alone():
+    in_fresh_process(plain_training_after_sparse_error)

@@ -138,5 +138,6 @@ def test_hf_trainer_like(max_norm):
         scheduler.step()
         opt.zero_grad(set_to_none=True)
 
-    compare_with_eager(loop, lambda: [models.TinyGPT()], lambda ms: adamw(ms, fused=True),
+    # eps=1e-4: see test_regional_compilation (the key bias's gradient is rounding noise)
+    compare_with_eager(loop, lambda: [models.TinyGPT()], lambda ms: adamw(ms, fused=True, eps=1e-4),
                        max_norm=max_norm, iterations=4)
