@@ -66,9 +66,10 @@ class ClipRuntime:
         self.graphs = 0  # graphs this clip compiled (model and step)
         self.distributed = False  # a DDP forward ran: the reducer rewrites .grad after the graphs
         self.runs: list[GraphRun] = []  # confirmed backward norms, not yet used by a step
-        self._pending: list[tuple[torch.Tensor, list[tuple[torch.Tensor, int, int]]]] = []
+        self._pending: list = []  # (norm, [(param, storage, data_ptr, version)], usable) this backward
         self._task = None
         self.open_step: StepRecord | None = None
+        self.hidden_grads: list = []  # (param, grad) of an eager step skipped as nonfinite
         self.total_norm: torch.Tensor | None = None
         self.skipped_steps: torch.Tensor | None = None
         self.stats: Counter = Counter()
@@ -166,7 +167,10 @@ class ClipRuntime:
         self.stats["backward_graph_runs"] += 1
         if not self.config.fuse:
             return
-        entry = (norm, [(p, g.data_ptr(), g._version) for p, g in pairs], not self.distributed)
+        # the storage, not the tensor: autograd still moves the tensor into .grad (it checks
+        # the tensor's references), and while the storage lives no other tensor gets its
+        # address, so a matching data_ptr at the end of the backward proves identity
+        entry = (norm, [(p, g.untyped_storage(), g.data_ptr(), g._version) for p, g in pairs], not self.distributed)
         task = torch._C._current_graph_task_id()
         if task != self._task or not self._pending:
             self._task = task
@@ -177,7 +181,7 @@ class ClipRuntime:
         pending, self._pending, self._task = self._pending, [], None
         for norm, grads, usable in pending:
             held = []
-            for p, ptr, version in grads:
+            for p, _storage, ptr, version in grads:
                 g = p.grad
                 if g is None or g.data_ptr() != ptr or g._version != version:
                     break  # summed with another contribution, or not stored in .grad
@@ -254,6 +258,9 @@ class ClipRuntime:
                         del opt.state[p][key]
 
     def end_step(self, opt) -> None:
+        hidden, self.hidden_grads = self.hidden_grads, []
+        for p, g in hidden:
+            p.grad = g
         rec, self.open_step = self.open_step, None
         if rec is not None and rec.path is Path.IN_GRAPH and not rec.done:
             raise RuntimeError(
@@ -287,11 +294,9 @@ class ClipRuntime:
             from torch.amp.grad_scaler import OptState
 
             if self.scaler._per_optimizer_states[id(opt)]["stage"] is OptState.READY:
-                raise RuntimeError(
-                    "compileclip: the optimizer stepped on gradients the attached GradScaler has "
-                    "not unscaled: call scaler.step(opt) (or scaler.unscale_(opt) first), or the "
-                    "step from clip.compile_step(opt)"
-                )
+                # eager's recipe: scaler.unscale_(opt); clip_grad_norm_(...). unscale_ also
+                # records found_inf for scaler.update()
+                self.scaler.unscale_(opt)
         self.clip_(params)
 
     def clip_(self, params: Sequence[torch.Tensor]) -> None:
@@ -316,12 +321,18 @@ class ClipRuntime:
             self.total_norm = total
             if cfg.error_if_nonfinite and not bool(torch.isfinite(total)):
                 raise clipmath.nonfinite_error(cfg.norm_type)
-            if cfg.skip_nonfinite and not bool(torch.isfinite(total)):
-                for p in params:  # an optimizer skips parameters without a gradient
-                    p.grad = None
+            skip = cfg.skip_nonfinite and not bool(torch.isfinite(total))
+            if skip:
                 self.count_skipped(torch.ones((), device=device))
-                return
             if cfg.max_norm is not None:
                 clipmath.scale_(grads, clipmath.coefficient(self.max_norm_on(total.device), total))
+        else:
+            skip = False
         if cfg.clip_value is not None:
             clipmath.clamp_values_(grads, cfg.clip_value)
+        if skip:
+            # .grad holds what eager's clip leaves (nan); an optimizer skips parameters without
+            # a gradient, so hide them for this step: end_step gives them back
+            self.hidden_grads = [(p, p.grad) for p in params]
+            for p in params:
+                p.grad = None

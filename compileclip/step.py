@@ -45,7 +45,7 @@ def _frame_optimizers() -> list[torch.optim.Optimizer]:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
         f_locals = InstructionTranslator.current_tx().f_locals
-    except Exception:  # not under Dynamo (a direct call of the backend) or API moved
+    except (ImportError, AttributeError, RuntimeError, AssertionError):  # not under Dynamo
         return []
     return [v for v in f_locals.values() if isinstance(v, torch.optim.Optimizer)]
 

@@ -44,6 +44,9 @@ CASES = {
     "fsdp_blocks_l2": dict(wrapper="fsdp", compiled="blocks", optim="sgd"),
     "fsdp_blocks_linf": dict(wrapper="fsdp", compiled="blocks", optim="adamw", norm_type=math.inf),
     "fsdp_step": dict(wrapper="fsdp", compiled="step", optim="sgd"),
+    # data parallel by hand: the loss divided by the world size, then dist.all_reduce(p.grad)
+    # (a SUM that bumps no version counter: the backward's local norm must not be used)
+    "manual_allreduce_model": dict(wrapper="manual", compiled="model", optim="sgd"),
 }
 
 
@@ -101,7 +104,19 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if is_dtensor(t) else t
 
 
+def backward(model: nn.Module, out: torch.Tensor, case: dict) -> None:
+    if case["wrapper"] != "manual":
+        loss_fn(out).backward()
+        return
+    (loss_fn(out) / WORLD).backward()
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+
+
 def wrap(model: nn.Module, case: dict, mesh):
+    if case["wrapper"] == "manual":
+        return model
     if case["wrapper"] == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -126,7 +141,7 @@ def run_reference(base: nn.Module, case: dict, mesh, rank: int, max_norm: float)
     snaps = []
     for step in range(STEPS):
         opt.zero_grad(set_to_none=True)
-        loss_fn(model(batch(rank, step, case["width"]))).backward()
+        backward(model, model(batch(rank, step, case["width"])), case)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, norm_type)
         opt.step()
         norm = full(norm).detach().clone()
@@ -210,7 +225,7 @@ def run_compiled(base: nn.Module, case: dict, mesh, rank: int, max_norm: float, 
         step = clip.compile_step(opt) if compiled_what in ("step", "model+step") else opt.step
         for i, snap in enumerate(snaps):
             opt.zero_grad(set_to_none=True)
-            loss_fn(run(batch(rank, i, case["width"]))).backward()
+            backward(model, run(batch(rank, i, case["width"])), case)
             step()
             where = f"{tag} step {i}"
             for name, p in params_of(model):
@@ -233,7 +248,7 @@ def run_compiled(base: nn.Module, case: dict, mesh, rank: int, max_norm: float, 
                 ours = full(ours).detach()  # outside soft(): full() may be a collective
                 soft(failures, lambda: torch.testing.assert_close(
                     ours, snap["norm"], msg=lambda m: f"{where} total_norm (eager {float(snap['norm'])}): {m}"))
-            if case["wrapper"] == "ddp":
+            if case["wrapper"] in ("ddp", "manual"):
                 assert_ranks_equal(failures, dict(params_of(model)), f"{where} param")
     graphs = _graph_counts.get(id(clip), 0)
     if "min_graphs" in case:

@@ -14,6 +14,12 @@ ACTIVE = 1e-2  # every model here has a pre-clip gradient norm well above this
 INACTIVE = 1e6  # ... and well below this
 
 
+def from_backward(steps: int, graphs: int = 1) -> dict:
+    """The counters of ``steps`` eager optimizer steps of a model compiled with the clip, each
+    after one backward of ``graphs`` graphs whose norms the step used."""
+    return {"backward_graph_runs": steps * graphs, "step_eager": steps, "norm_from_backward": steps}
+
+
 def assert_clip_state(ref_norm: torch.Tensor, max_norm: float) -> None:
     """Keep the tests honest: 'active' must really scale, 'inactive' must not."""
     if math.isfinite(float(ref_norm)):

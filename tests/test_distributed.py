@@ -74,7 +74,7 @@ def _one_thread_children(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
-DDP_CASES = [n for n, c in dist_worker.CASES.items() if c["wrapper"] == "ddp"]
+DDP_CASES = [n for n, c in dist_worker.CASES.items() if c["wrapper"] in ("ddp", "manual")]
 FSDP_CASES = [n for n, c in dist_worker.CASES.items() if c["wrapper"] == "fsdp"]
 
 

@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import models as zoo
 from compileclip import clip_backend
-from helpers import ACTIVE, INACTIVE, compare_with_eager, zero_grads
+from helpers import ACTIVE, INACTIVE, compare_with_eager, from_backward, zero_grads
 
-FUSED = {"probe": 1, "fused": 1}
+FUSED = from_backward(2)
 
 
 @pytest.mark.parametrize("max_norm", [ACTIVE, INACTIVE], ids=["active", "inactive"])
@@ -50,6 +50,7 @@ def test_norm_accumulates_in_float32():
     compiled = torch.compile(model, backend=clip)
     x = torch.full((1, 4), 300.0, dtype=torch.float16)
     (compiled(x).float() * 100).sum().backward()  # d/dW = 100 * x = 30000 everywhere
+    torch.optim.SGD(model.parameters(), lr=0.0).step()  # the clip runs at the step
     assert clip.total_norm.dtype == torch.float32
     torch.testing.assert_close(clip.total_norm, torch.tensor(120000.0))
     assert math.isinf(float(torch.linalg.vector_norm(torch.full((4, 4), 3e4, dtype=torch.float16))))
@@ -65,7 +66,7 @@ def test_dynamic_shapes_no_recompile():
     with torch._dynamo.config.patch(error_on_recompile=True):
         compare_with_eager(
             zoo.mlp, make_input, steps=4, compile_kwargs={"dynamic": True},
-            expect_stats={"probe": 1, "fused": 3},
+            expect_stats=from_backward(4),
         )
 
 
@@ -75,9 +76,11 @@ def test_zero_gradients(inner):
     model = zoo.mlp()
     clip = clip_backend(max_norm=1.0, inner=inner)
     compiled = torch.compile(model, backend=clip)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(2):
         zero_grads(model)
         (compiled(torch.randn(6, 8)) * 0).sum().backward()
+        opt.step()
         assert float(clip.total_norm) == 0.0
         assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
 
@@ -110,25 +113,29 @@ def test_nonfinite_gradient_matches_eager(value):
 @pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
 def test_error_if_nonfinite(value, fuse):
-    """Like eager: the error is raised after backward, with .grad populated and unscaled."""
+    """Like eager: the error is raised where eager's clip runs, right before the step, with
+    .grad populated and unscaled, and the parameters untouched."""
     torch.manual_seed(0)
     Model = _poison(value)
     model = Model()
     ref = copy.deepcopy(model)
     clip = clip_backend(max_norm=ACTIVE, error_if_nonfinite=True, fuse=fuse)
     compiled = torch.compile(model, backend=clip)
-    for step in range(2):  # probe, then fused
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(2):
         x = torch.randn(6, 8)
         zero_grads(model, ref)
+        compiled(x).backward()
         with pytest.raises(RuntimeError, match="non-finite"):
-            compiled(x).backward()
+            opt.step()
         ref(x).backward()
         with pytest.raises(RuntimeError, match="non-finite"):
             torch.nn.utils.clip_grad_norm_(ref.parameters(), ACTIVE, error_if_nonfinite=True)
         for p, q in zip(model.parameters(), ref.parameters()):
             torch.testing.assert_close(p.grad, q.grad, equal_nan=True)
+            torch.testing.assert_close(p, q)
     taken = {k: v for k, v in clip.stats.items() if v}
-    assert taken == ({"fused": 1, "probe": 1} if fuse else {"deferred": 2}), taken
+    assert taken == (from_backward(2) if fuse else {"step_eager": 2, "norm_at_step": 2}), taken
 
 
 def test_max_norm_tensor_changes_without_recompile():
@@ -138,18 +145,20 @@ def test_max_norm_tensor_changes_without_recompile():
     ref = copy.deepcopy(model)
     clip = clip_backend(max_norm=max_norm)
     compiled = torch.compile(model, backend=clip)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the clip runs at its step
     with torch._dynamo.config.patch(error_on_recompile=True):
         for step, value in enumerate([0.05, 0.01, 1e6, 0.2]):
             max_norm.fill_(value)
             x = torch.randn(6, 8)
             zero_grads(model, ref)
             compiled(x).pow(2).mean().backward()
+            opt.step()
             ref(x).pow(2).mean().backward()
             ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), value)
             for p, q in zip(model.parameters(), ref.parameters()):
                 torch.testing.assert_close(p.grad, q.grad)
             torch.testing.assert_close(clip.total_norm, ref_norm)
-    assert clip.stats["fused"] == 3
+    assert clip.stats["norm_from_backward"] == 4
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])

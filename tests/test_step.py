@@ -146,7 +146,7 @@ def test_error_if_nonfinite_is_refused_for_the_step():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     step = torch.compile(opt.step, backend=clip_backend(1.0, error_if_nonfinite=True))
     loss_of(model, torch.randn(2, 8)).backward()
-    with pytest.raises(Exception, match="error_if_nonfinite=True is not supported"):
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="error_if_nonfinite=True is not supported"):
         step()
 
 
