@@ -70,6 +70,7 @@ class ClipRuntime:
         self._task = None
         self.open_step: StepRecord | None = None
         self.hidden_grads: list = []  # (param, grad) of an eager step skipped as nonfinite
+        self.stepped_scaler_state = None  # a GradScaler state this step unscaled: STEPPED after it
         self.total_norm: torch.Tensor | None = None
         self.skipped_steps: torch.Tensor | None = None
         self.stats: Counter = Counter()
@@ -261,6 +262,11 @@ class ClipRuntime:
         hidden, self.hidden_grads = self.hidden_grads, []
         for p, g in hidden:
             p.grad = g
+        state, self.stepped_scaler_state = self.stepped_scaler_state, None
+        if state is not None:
+            from torch.amp.grad_scaler import OptState
+
+            state["stage"] = OptState.STEPPED
         rec, self.open_step = self.open_step, None
         if rec is not None and rec.path is Path.IN_GRAPH and not rec.done:
             raise RuntimeError(
@@ -290,17 +296,28 @@ class ClipRuntime:
             return
         if any(p.grad.is_sparse for p in params):
             raise clipmath.sparse_error(f"a parameter of {type(opt).__name__}")
+        overflow = False
         if self.scaler is not None:
             from torch.amp.grad_scaler import OptState
 
-            if self.scaler._per_optimizer_states[id(opt)]["stage"] is OptState.READY:
-                # eager's recipe: scaler.unscale_(opt); clip_grad_norm_(...). unscale_ also
-                # records found_inf for scaler.update()
+            state = self.scaler._per_optimizer_states[id(opt)]
+            if state["stage"] is OptState.STEPPED:
+                raise RuntimeError(
+                    "compileclip: the optimizer already stepped since the last scaler.update(); "
+                    "call scaler.update() after each step (and do not call scaler.step(opt) as well)"
+                )
+            if state["stage"] is OptState.READY:
+                # the step stands in for scaler.step(opt), as in eager's recipe: unscale_
+                # (which records found_inf for scaler.update()), clip, skip on overflow (a
+                # host sync, as scaler.step's), and the stage STEPPED afterwards
                 self.scaler.unscale_(opt)
-        self.clip_(params)
+                overflow = bool(sum(float(v) for v in state["found_inf_per_device"].values()))
+                self.stepped_scaler_state = state
+        self.clip_(params, skip=overflow)
 
-    def clip_(self, params: Sequence[torch.Tensor]) -> None:
-        """Eager ``clip_grad_norm_`` then ``clip_grad_value_`` over ``params``' gradients."""
+    def clip_(self, params: Sequence[torch.Tensor], skip: bool = False) -> None:
+        """Eager ``clip_grad_norm_`` then ``clip_grad_value_`` over ``params``' gradients; the
+        optimizer then skips them when ``skip`` (or ``skip_nonfinite`` and the norm is nan/inf)."""
         cfg = self.config
         grads = [p.grad for p in params]
         if any(clipmath.is_dtensor(g) for g in grads):
@@ -321,13 +338,13 @@ class ClipRuntime:
             self.total_norm = total
             if cfg.error_if_nonfinite and not bool(torch.isfinite(total)):
                 raise clipmath.nonfinite_error(cfg.norm_type)
-            skip = cfg.skip_nonfinite and not bool(torch.isfinite(total))
+            skip = skip or (cfg.skip_nonfinite and not bool(torch.isfinite(total)))
             if skip:
                 self.count_skipped(torch.ones((), device=device))
             if cfg.max_norm is not None:
                 clipmath.scale_(grads, clipmath.coefficient(self.max_norm_on(total.device), total))
-        else:
-            skip = False
+        elif skip:
+            self.count_skipped(torch.ones((), device=grads[0].device))
         if cfg.clip_value is not None:
             clipmath.clamp_values_(grads, cfg.clip_value)
         if skip:
