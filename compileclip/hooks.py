@@ -24,7 +24,7 @@ _handles: list = []
 # ownership is decided once per optimizer and kept until any clip learns something new
 # (parameters, graphs, steps: ``changed()``) or a clip is made
 _epoch = 0
-_owners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # opt -> (epoch, runtime ref, graphless)
+_owners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # opt -> (epoch, runtime ref)
 
 
 def changed() -> None:
@@ -42,42 +42,83 @@ def register(clip) -> None:
         _handles.append(register_optimizer_step_post_hook(_post_hook))
 
 
+_BACKEND_LINKS = ("dynamo_ctx", "callback", "_torchdynamo_orig_backend", "_inner_convert", "compiler_fn")
+
+
+def _backend_of(obj, depth: int = 8):
+    """The ClipBackend behind a ``torch.compile`` wrapper (an OptimizedModule's context, or
+    the function ``Module.compile`` installs), following Dynamo's wrappers, or None."""
+    from .backend import ClipBackend
+
+    for _ in range(depth):
+        if isinstance(obj, ClipBackend):
+            return obj
+        nxt = next((getattr(obj, a) for a in _BACKEND_LINKS if getattr(obj, a, None) is not None), None)
+        if nxt is None and callable(obj) and getattr(obj, "__closure__", None):
+            # Module.compile's function closes over the Dynamo context
+            nxt = next((c.cell_contents for c in obj.__closure__
+                        if hasattr(c.cell_contents, "callback")), None)
+        if nxt is None:
+            return None
+        obj = nxt
+    return None
+
+
+def _discover(runtimes) -> None:
+    """Clips that compiled nothing (Dynamo ran their model eagerly: a module it skips, its
+    recompile limit) learn their modules from the ``torch.compile`` wrappers that hold them:
+    ``torch.compile(model, backend=clip)`` and ``model.compile(backend=clip)``."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    wanted = {id(rt) for rt in runtimes}
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, OptimizedModule):
+                mod, link = obj._orig_mod, obj.dynamo_ctx
+            elif isinstance(obj, torch.nn.Module) and getattr(obj, "_compiled_call_impl", None) is not None:
+                mod, link = obj, obj._compiled_call_impl
+            else:
+                continue
+            clip = _backend_of(link)
+        except ReferenceError:  # a weak proxy whose object is gone
+            continue
+        if clip is not None and id(clip._runtime) in wanted:
+            clip._runtime.add_modules([mod])
+
+
 def _decide(opt):
     clips = list(_clips)
     strong = [c._runtime for c in clips if c._runtime.knows(opt)]
     graphless = [c._runtime for c in clips if c._runtime.graphless]
-    return resolve_owner(strong, graphless), not strong
+    if not strong and graphless:
+        _discover(graphless)
+        strong = [c._runtime for c in clips if c._runtime.knows(opt)]
+    return resolve_owner(strong)
 
 
 def owner_of(opt):
-    """(the runtime that clips ``opt``'s steps or None, whether it owns it only for having
-    compiled nothing); raises when it is ambiguous. Cached per optimizer until something changes."""
+    """The runtime that clips ``opt``'s steps, or None; raises when it is ambiguous. Cached
+    per optimizer until what some clip knows changes."""
     cached = _owners.get(opt)
     if cached is not None and cached[0] == _epoch:
         rt = cached[1]() if cached[1] is not None else None
         if rt is not None or cached[1] is None:
-            return rt, cached[2]
-    (owner, error), weak = _decide(opt)
-    if weak and (owner is not None or error is not None):
-        # a clip that compiled nothing may be a dead one that only a reference cycle keeps:
-        # collect those before letting a graphless clip take an optimizer
-        gc.collect()
-        (owner, error), weak = _decide(opt)
+            return rt
+    owner, error = _decide(opt)
     if error is not None:
         raise RuntimeError(f"compileclip: {error}.")
-    _owners[opt] = (_epoch, weakref.ref(owner) if owner is not None else None, weak)
-    return owner, weak
+    _owners[opt] = (_epoch, weakref.ref(owner) if owner is not None else None)
+    return owner
 
 
 @torch._dynamo.disable
 def _on_pre(opt, args, kwargs, compiled_frame: bool):
-    rt, graphless = owner_of(opt)
+    rt = owner_of(opt)
     if rt is None:
         return None
-    if graphless:  # from now on this clip knows the optimizer, and is no longer graphless
-        rt.bind(opt)
     out = rt.begin_step(opt, args, kwargs, compiled_frame)
-    rt.open_step.graphless_owner = graphless
+    # it knows the optimizer only from modules Dynamo ran eagerly (found by _discover)
+    rt.open_step.graphless_owner = rt.graphs == 0 and len(rt.modules) > 0
     return out
 
 
@@ -91,11 +132,10 @@ def _on_post(opt) -> None:
             if rec.graphless_owner and rt.graphs == 0:  # the step did not compile a graph either
                 rt.warn_once(
                     "graphless",
-                    "this clip has compiled no graph (Dynamo ran the model eagerly: a module it "
-                    "skips such as nn.LSTM, a graph break in a loop, or its recompile limit), so "
-                    "it cannot know its model's parameters. It clipped the step of "
-                    f"{type(opt).__name__} over that optimizer's parameters, eagerly (eager "
-                    "clip_grad_norm_ over them gives the same)",
+                    "this clip has compiled no graph (Dynamo ran its model eagerly: a module it "
+                    "skips such as nn.LSTM, or its recompile limit). It clipped the step of "
+                    f"{type(opt).__name__} eagerly instead, over that optimizer's parameters "
+                    "(the same result as eager clip_grad_norm_, without the fusion)",
                 )
 
 

@@ -57,7 +57,7 @@ class StepRecord:
     # the norm handed to a compiled step (all of its gradients covered by backward graphs)
     handed_norm: torch.Tensor | None = None
     done: bool = False  # the clip was applied (by the hook, the closure, or the step graph)
-    graphless_owner: bool = False  # the clip owns this optimizer only for having compiled nothing
+    graphless_owner: bool = False  # the clip had compiled no graph when the step began
 
 
 def choose_path(*, compiled_frame: bool, has_step_graph: bool, closure: bool, fuse: bool) -> Path:
@@ -75,33 +75,18 @@ def choose_path(*, compiled_frame: bool, has_step_graph: bool, closure: bool, fu
     return Path.EAGER
 
 
-def resolve_owner(strong: Sequence[object], graphless: Sequence[object]) -> tuple[object | None, str | None]:
-    """Which clip clips an optimizer's step: (owner, error).
-
-    ``strong``: clips that know this optimizer (its step was compiled with them) or one of its
-    parameters (from a compiled graph or the compiled module). ``graphless``: clips that have
-    compiled nothing at all yet (Dynamo ran their model eagerly: a module it skips, the
-    recompile limit). One strong clip owns the step. With none, a single graphless clip takes
-    it (its model is the one training); several are ambiguous. Two strong clips would clip the
-    same gradients twice.
-    """
-    if len(strong) == 1:
-        return strong[0], None
+def resolve_owner(strong: Sequence[object]) -> tuple[object | None, str | None]:
+    """Which clip clips an optimizer's step: (owner, error). ``strong``: the clips that know
+    this optimizer (its step was compiled with them) or one of its parameters (from a
+    compiled graph, or a module compiled with the clip). Two would clip the same gradients
+    twice."""
     if len(strong) > 1:
         return None, (
             f"{len(strong)} clip backends cover the parameters of this optimizer (one compiled "
             "the model, another the step?). Each would clip the same gradients: use one clip "
             "object for the model and the step"
         )
-    if len(graphless) == 1:
-        return graphless[0], None
-    if len(graphless) > 1:
-        return None, (
-            f"{len(graphless)} clip backends have compiled no graph (Dynamo ran their models "
-            "eagerly) and this optimizer's parameters are known to none of them, so it is "
-            "unclear which clip applies"
-        )
-    return None, None
+    return (strong[0] if strong else None), None
 
 
 def plan_norm(

@@ -56,11 +56,9 @@ class ClipRuntime:
         # (FSDP2 swaps its sharded parameters back in after the forward the graph saw)
         self.modules: weakref.WeakSet = weakref.WeakSet()
         self.step_optimizers: weakref.WeakSet = weakref.WeakSet()  # steps this clip compiles
-        # optimizers this clip took while it had compiled nothing (hooks.owner_of)
-        self.bound_optimizers: weakref.WeakSet = weakref.WeakSet()
-        self.failed = False  # a compile with this clip raised: it never takes unknown optimizers
-        # it compiled a graph, or took an optimizer: never graphless again, even once the
-        # optimizer is gone (a sweep's earlier trials must not take the next trial's steps)
+        self.failed = False  # a compile with this clip raised (hooks look for no modules of it)
+        # it compiled a graph or a step, or its modules were found (hooks._discover): it
+        # knows what it clips, so nobody looks for its modules again
         self.engaged = False
         self.fused_optimizers: weakref.WeakSet = weakref.WeakSet()  # compile_step refused to trace
         self.graphs = 0  # graphs this clip compiled (model and step)
@@ -92,12 +90,6 @@ class ClipRuntime:
         self.engaged = True
         hooks.changed()
 
-    def bind(self, opt: torch.optim.Optimizer) -> None:
-        """Take ``opt`` while this clip has compiled nothing (``hooks.owner_of``)."""
-        self.bound_optimizers.add(opt)
-        self.engaged = True
-        hooks.changed()
-
     def add_step_optimizer(self, opt: torch.optim.Optimizer, fused: bool = False) -> None:
         """``opt``'s step is compiled with this clip (or, ``fused``, stepped eagerly by it)."""
         (self.fused_optimizers if fused else self.step_optimizers).add(opt)
@@ -108,10 +100,11 @@ class ClipRuntime:
         for m in mods:
             if m not in self.modules:
                 self.modules.add(m)
+                self.engaged = True
                 hooks.changed()
 
     def knows(self, opt: torch.optim.Optimizer) -> bool:
-        if opt in self.step_optimizers or opt in self.fused_optimizers or opt in self.bound_optimizers:
+        if opt in self.step_optimizers or opt in self.fused_optimizers:
             return True
         ids = {id(p) for group in opt.param_groups for p in group["params"]}
         if any(i in self.params for i in ids):

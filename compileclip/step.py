@@ -169,6 +169,23 @@ class _ClippedStep:
             self.runtime.state_drops.append((weakref.ref(opt), state_before))
 
 
+class _EagerClipThenStep:
+    """``fuse=False``: the step graph without a clip; where no pre-hook clipped this step (its
+    first call, before the graph registered the optimizer), an eager clip first."""
+
+    def __init__(self, compiled, runtime: ClipRuntime, optimizer) -> None:
+        self.compiled = compiled
+        self.runtime = runtime
+        self.optimizer = weakref.ref(optimizer) if optimizer is not None else None
+
+    def __call__(self, *args: Any) -> Any:
+        opt = self.optimizer() if self.optimizer is not None else None
+        clip, _ = self.runtime.take_step(opt)
+        if clip and opt is not None:
+            self.runtime.clip_step(opt)
+        return self.compiled(*args)
+
+
 def _amp_begin(scaler, optimizer_ref, device: torch.device):
     """GradScaler bookkeeping before a compiled step with a scaler attached. Returns the
     optimizer's per-optimizer state to record ``found_inf`` into (None if ``unscale_``
@@ -246,7 +263,7 @@ def compile_step_graph(backend: ClipBackend, gm: fx.GraphModule, example_inputs:
             "optimizer's step separately"
         )
     if not config.fuse:  # the step's pre-hook clips eagerly (records.choose_path)
-        return compile_graph(config.inner, gm, example_inputs, config_patches=patches)
+        return _EagerClipThenStep(compile_graph(config.inner, gm, example_inputs, config_patches=patches), rt, optimizer)
     device = grad_inputs[0].device
     amp = rt.scaler is not None
     guarded = guarded_config(config, rt)

@@ -22,22 +22,19 @@ def test_choose_path(compiled_frame, has_step_graph, closure, fuse, expected):
                        closure=closure, fuse=fuse) is expected
 
 
-A, B, C = "a", "b", "c"
+A, B = "a", "b"
 
 
 @pytest.mark.parametrize(
-    "strong, graphless, owner, error",
+    "strong, owner, error",
     [
-        ([A], [], A, None),
-        ([A], [B], A, None),          # a known owner wins over a graphless clip
-        ([A, B], [], None, "2 clip backends cover"),
-        ([], [B], B, None),           # the model Dynamo ran eagerly (nn.LSTM, recompile limit)
-        ([], [B, C], None, "2 clip backends have compiled no graph"),
-        ([], [], None, None),         # an optimizer no clip knows
+        ([A], A, None),
+        ([A, B], None, "2 clip backends cover"),  # model clip and step clip on one optimizer
+        ([], None, None),                         # an optimizer no clip knows: not clipped
     ],
 )
-def test_resolve_owner(strong, graphless, owner, error):
-    got, msg = resolve_owner(strong, graphless)
+def test_resolve_owner(strong, owner, error):
+    got, msg = resolve_owner(strong)
     assert got == owner
     assert (msg is None) == (error is None) and (error is None or error in msg)
 
