@@ -47,14 +47,6 @@ def _has_sparse_grads(mods: list[torch.nn.Module], gm: fx.GraphModule) -> bool:
     return False
 
 
-def _ddp_forward_active() -> bool:
-    try:
-        from torch.nn.parallel import DistributedDataParallel
-    except ImportError:
-        return False
-    return DistributedDataParallel._get_active_ddp_module() is not None
-
-
 def _grad_outputs(gm: fx.GraphModule, param_idx: dict[int, Any]) -> list[tuple[int, int]]:
     """(backward output position, Dynamo input index) of each parameter's gradient."""
     out = gm.graph.output_node() if hasattr(gm.graph, "output_node") else next(
@@ -202,14 +194,7 @@ class ClipBackend:
             rewrite = lambda g, inputs: self._norm_in_backward(param_idx, g, inputs, patches)  # noqa: E731
         compiled = compile_graph(self.config.inner, gm, example_inputs, backward_rewrite=rewrite, config_patches=patches)
 
-        def forward(*args):
-            if not rt.distributed and _ddp_forward_active():
-                rt.distributed = True
-            return compiled(*args)
-
-        if getattr(compiled, "_boxed_call", False):
-            forward._boxed_call = True
-        return forward
+        return compiled
 
     def _norm_in_backward(self, param_idx, gm: fx.GraphModule, example_inputs, patches):
         """Add the norm of the parameters' gradients to a partitioned backward graph (the

@@ -82,19 +82,19 @@ class ClipConfig:
     in place between steps (it is a graph input, so no recompile happens); ``None`` for no
     norm clipping (then ``clip_value`` must be given).
     ``norm_type``: a float p > 0, ``math.inf`` or ``'inf'``.
-    ``error_if_nonfinite``: raise like eager when the total norm is nan/inf; this costs one
-    host sync per backward, the default does not sync.
+    ``error_if_nonfinite``: raise like eager, at the step, when the total norm is nan/inf;
+    this costs one host sync per step, the default does not sync.
     ``inner``: the compiler the clipped graphs go to, ``'inductor'`` or ``'aot_eager'``
     (debugging: no Inductor, same graphs).
-    ``fuse``: ``False`` always takes the unfused path (clip over the final ``.grad`` at the
-    end of each backward), for debugging and comparison.
+    ``fuse``: ``False`` never uses the backward graphs' norm and compiles steps without the
+    clip: every step clips eagerly, for debugging and comparison.
     ``clip_value``: also clip every gradient element to ``[-clip_value, clip_value]`` like
     ``clip_grad_value_``. With ``max_norm`` too, the norm clip applies first and the value
     clip to its result: eager ``clip_grad_norm_(ps, max_norm); clip_grad_value_(ps, v)``, so
     ``total_norm`` is always the norm of the gradients as the backward produced them.
-    ``skip_nonfinite``: where the clip runs in a compiled optimizer step, leave the
-    parameters and the optimizer state untouched for a step whose total norm is nan/inf,
-    decided on the device (no host sync), and count such steps in ``skipped_steps``.
+    ``skip_nonfinite``: leave the parameters and the optimizer state untouched for a step
+    whose total norm is nan/inf, and count such steps in ``skipped_steps``: decided on the
+    device in a compiled step, with one host sync in an eager one.
     ``step_writes_grad``: where the clip runs inside a compiled optimizer step
     (``torch.compile(opt.step, backend=clip)``), also store the clipped gradient into
     ``.grad``, as eager ``clip_grad_norm_`` leaves it. ``False`` skips that write (the update
@@ -133,8 +133,8 @@ class ClipConfig:
             )
         if self.skip_nonfinite and not self.fuse:
             raise ValueError(
-                "skip_nonfinite=True needs fuse=True: the skip is decided inside the compiled "
-                "optimizer step"
+                "skip_nonfinite=True needs fuse=True: a step compiled with fuse=False holds no "
+                "clip, so it would still apply a nonfinite step's update"
             )
         if self.inner not in _INNER:
             raise ValueError(f"inner={self.inner!r} is not supported: choose one of {_INNER}")

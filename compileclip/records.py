@@ -35,14 +35,13 @@ class Path(enum.Enum):
 class GraphRun:
     """One run of a compiled backward graph: the norm of the gradients it produced.
 
-    ``grads`` holds, per gradient, a weak reference to the parameter, a weak reference to the
-    tensor the graph returned and that tensor's version counter at the time. The norm
+    ``grads`` holds, per gradient, a weak reference to the parameter, the tensor the graph
+    returned (now that parameter's ``.grad``) and that tensor's version counter. The norm
     stands for a parameter's ``.grad`` only while ``.grad`` is still that very tensor, unchanged
     (see ``ClipRuntime.intact``)."""
 
     norm: torch.Tensor
-    grads: tuple[tuple[weakref.ref, weakref.ref, int], ...]
-    usable: bool  # False when a DDP forward ran: the reducer rewrites .grad after the graph
+    grads: tuple[tuple[weakref.ref, torch.Tensor, int], ...]
 
     def param_ids(self) -> frozenset[int]:
         return frozenset(id(p) for p in (r() for r, _, _ in self.grads) if p is not None)
@@ -95,7 +94,7 @@ def plan_norm(
     """Which backward norms a step can use, and which gradients it must norm itself.
 
     ``runs``: per ``GraphRun``, the ids of its parameters and whether all its gradients are
-    still the ``.grad`` of those parameters, unchanged (and the run is usable). A run is used
+    still the ``.grad`` of those parameters, unchanged. A run is used
     when it is intact, lies inside the step's parameters and overlaps no other candidate (a
     parameter whose gradient two runs claim is summed from both, so neither norm is its
     norm). Returns the indices of the used runs and the ids left to norm at the step.

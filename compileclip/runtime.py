@@ -62,9 +62,8 @@ class ClipRuntime:
         self.engaged = False
         self.fused_optimizers: weakref.WeakSet = weakref.WeakSet()  # compile_step refused to trace
         self.graphs = 0  # graphs this clip compiled (model and step)
-        self.distributed = False  # a DDP forward ran: the reducer rewrites .grad after the graphs
         self.runs: list[GraphRun] = []  # confirmed backward norms, not yet used by a step
-        self._pending: list = []  # (norm, [(param, storage, data_ptr, version)], usable) this backward
+        self._pending: list = []  # (norm, [(param, storage, data_ptr, version)]) of this backward
         self._task = None
         self.open_step: StepRecord | None = None
         self.hidden_grads: list = []  # (param, grad) of an eager step skipped as nonfinite
@@ -164,7 +163,7 @@ class ClipRuntime:
         # the storage, not the tensor: autograd still moves the tensor into .grad (it checks
         # the tensor's references), and while the storage lives no other tensor gets its
         # address, so a matching data_ptr at the end of the backward proves identity
-        entry = (norm, [(p, g.untyped_storage(), g.data_ptr(), g._version) for p, g in pairs], not self.distributed)
+        entry = (norm, [(p, g.untyped_storage(), g.data_ptr(), g._version) for p, g in pairs])
         task = torch._C._current_graph_task_id()
         if task != self._task or not self._pending:
             self._task = task
@@ -173,7 +172,7 @@ class ClipRuntime:
 
     def _end_of_backward(self) -> None:
         pending, self._pending, self._task = self._pending, [], None
-        for norm, grads, usable in pending:
+        for norm, grads in pending:
             held = []
             for p, _storage, ptr, version in grads:
                 g = p.grad
@@ -182,7 +181,7 @@ class ClipRuntime:
                 held.append((weakref.ref(p), g, version))
             else:
                 # from here on the record holds .grad itself: identity, not an address
-                self.runs.append(GraphRun(norm, tuple(held), usable))
+                self.runs.append(GraphRun(norm, tuple(held)))
         del self.runs[:-_MAX_RUNS]
 
     @staticmethod
@@ -197,7 +196,7 @@ class ClipRuntime:
         """The backward norms this step can use, and the parameters it must norm itself.
         Consumes every record that touches these parameters."""
         ids = frozenset(id(p) for p in params)
-        facts = [(r.param_ids(), r.usable and self.intact(r)) for r in self.runs]
+        facts = [(r.param_ids(), self.intact(r)) for r in self.runs]
         distrust = _invisible_writers() if self.config.fuse and self.runs else "fuse=False"
         used, left = plan_norm(facts, ids) if distrust is None else ([], ids)
         if distrust is not None and self.runs:
