@@ -113,6 +113,8 @@ def owner_of(opt):
 
 @torch._dynamo.disable
 def _on_pre(opt, args, kwargs, compiled_frame: bool):
+    if not _clips:
+        return None
     rt = owner_of(opt)
     if rt is None:
         return None
@@ -139,12 +141,11 @@ def _on_post(opt) -> None:
                 )
 
 
+# Dynamo traces these two: they read no mutable state (a guard on the set of clips would
+# recompile the step whenever a clip is collected); the disabled calls do the work
 def _pre_hook(opt, args, kwargs):
-    if not _clips:
-        return None
     return _on_pre(opt, args, kwargs, torch.compiler.is_compiling())
 
 
 def _post_hook(opt, args, kwargs) -> None:
-    if _clips:
-        _on_post(opt)
+    _on_post(opt)
