@@ -12,7 +12,7 @@ import torch.fx as fx
 from . import clipmath, hooks
 from .compiling import compile_graph, inductor_patches
 from .config import ClipConfig
-from .passes import insert_grad_norm_clip
+from .passes import insert_grad_norm
 from .runtime import ClipRuntime
 from .step import CompiledStep, compile_step_graph, is_fused, is_step_graph
 
@@ -63,8 +63,8 @@ def _grad_outputs(gm: fx.GraphModule, param_idx: dict[int, Any]) -> list[tuple[i
 
 
 class _NormRecordingBackward:
-    """Calls the compiled backward with the norm pass's runtime inputs, strips the norm it
-    returns, and records it with the gradients it covers (``ClipRuntime.record_run``)."""
+    """Calls the compiled backward (with the GradScaler's scale, where one is attached), strips
+    the norm it returns, and records it with the gradients it covers (``ClipRuntime.record_run``)."""
 
     def __init__(self, compiled, runtime: ClipRuntime, device, grads: list[tuple[int, Any]], cudagraphs: bool) -> None:
         self._boxed_call = True  # an instance attribute: AOTAutograd copies __dict__
@@ -76,7 +76,7 @@ class _NormRecordingBackward:
 
     def __call__(self, args: list[Any]) -> Any:
         rt = self.runtime
-        full = [*args, *rt.graph_inputs(self.device, False)]
+        full = [*args, rt.scale_on(self.device)] if rt.scaler is not None else list(args)
         args.clear()  # boxed convention: the callee owns the inputs
         outs = list(self.compiled(full))
         norm = outs.pop()
@@ -201,10 +201,8 @@ class ClipBackend:
         gradients themselves are left as they are: only the step knows they are final)."""
         positions = _grad_outputs(gm, param_idx)
         rt = self._runtime
-        insertion = insert_grad_norm_clip(
-            gm, [pos for pos, _ in positions], self.config.norm_type,
-            unscale=rt.scaler is not None, norm_only=True,
-            clip_value=self.config.clip_value is not None,
+        insertion = insert_grad_norm(
+            gm, [pos for pos, _ in positions], self.config.norm_type, unscale=rt.scaler is not None,
         )
         from torch._guards import detect_fake_mode
 
@@ -213,10 +211,7 @@ class ClipBackend:
             n for n in reversed(gm.graph.nodes) if n.op == "output")
         device = out.args[0][-1].meta["val"].device
         with fake_mode:
-            extra = [
-                torch.empty((), dtype=torch.bool if name == "clip_enabled" else torch.float32, device=device)
-                for name in insertion.placeholders
-            ]
+            extra = [torch.empty((), dtype=torch.float32, device=device) for _ in insertion.placeholders]
         grads = [(pos, weakref.ref(param_idx[idx])) for pos, idx in positions]
         cudagraphs = bool(patches.get("triton.cudagraphs", False))
 

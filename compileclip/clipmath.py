@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-EPS = 1e-6  # eager clip_grad_norm_ adds this to the norm before dividing
+from .passes.clip_step import EPS  # eager clip_grad_norm_ adds it to the norm before dividing
 
 
 def is_dtensor(t: torch.Tensor) -> bool:

@@ -1,7 +1,10 @@
 """Hear every optimizer step: torch's global step pre- and post-hooks, registered once.
 
 The hooks run for every ``opt.step()`` of every ``torch.optim.Optimizer``. Each live clip (held
-weakly) says whether the optimizer is its own (``records.resolve_owner``); the owner clips.
+weakly) says whether the optimizer is its own (``records.resolve_owner``): it compiled that
+optimizer's step, or a graph or module holding one of its parameters. A clip that compiled
+nothing (Dynamo ran its model eagerly) first finds its modules through the ``torch.compile``
+wrappers that hold it (``_discover``). The owner clips; an optimizer no clip knows is left alone.
 
 Under ``torch.compile`` of a step, Dynamo traces the hooks. Their work is a
 ``torch._dynamo.disable``d call, so it runs at run time on every step, whichever graph or
@@ -48,10 +51,8 @@ _BACKEND_LINKS = ("dynamo_ctx", "callback", "_torchdynamo_orig_backend", "_inner
 def _backend_of(obj, depth: int = 8):
     """The ClipBackend behind a ``torch.compile`` wrapper (an OptimizedModule's context, or
     the function ``Module.compile`` installs), following Dynamo's wrappers, or None."""
-    from .backend import ClipBackend
-
     for _ in range(depth):
-        if isinstance(obj, ClipBackend):
+        if obj in _clips:
             return obj
         nxt = next((getattr(obj, a) for a in _BACKEND_LINKS if getattr(obj, a, None) is not None), None)
         if nxt is None and callable(obj) and getattr(obj, "__closure__", None):

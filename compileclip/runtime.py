@@ -66,6 +66,7 @@ class ClipRuntime:
         self._pending: list = []  # (norm, [(param, storage, data_ptr, version)]) of this backward
         self._task = None
         self.open_step: StepRecord | None = None
+        self.retry_clipped = False  # abort_step: the eager rerun of this step is clipped already
         self.hidden_grads: list = []  # (param, grad) of an eager step skipped as nonfinite
         self.stepped_scaler_state = None  # a GradScaler state this step unscaled: STEPPED after it
         self.total_norm: torch.Tensor | None = None
@@ -141,11 +142,13 @@ class ClipRuntime:
         if self.config.clip_value is not None:
             out.append(self.const("value", self.config.clip_value, torch.float32, device))
         if self.scaler is not None:
-            if scale is None:
-                scale = getattr(self.scaler, "_scale", None)
-                scale = self.const("one", 1.0, torch.float32, device) if scale is None else scale.to(device)
-            out.append(scale)
+            out.append(self.scale_on(device) if scale is None else scale)
         return out
+
+    def scale_on(self, device: torch.device) -> torch.Tensor:
+        """The attached GradScaler's current scale (1 before its first ``scale()``)."""
+        scale = getattr(self.scaler, "_scale", None)
+        return self.const("one", 1.0, torch.float32, device) if scale is None else scale.to(device)
 
     def count_skipped(self, nonfinite: torch.Tensor) -> None:
         if self.skipped_steps is None:
@@ -195,11 +198,13 @@ class ClipRuntime:
     def plan(self, params: Sequence[torch.Tensor]) -> tuple[list[GraphRun], list[torch.Tensor]]:
         """The backward norms this step can use, and the parameters it must norm itself.
         Consumes every record that touches these parameters."""
+        if not self.runs:  # no backward graph ran since (or fuse=False: none are recorded)
+            return [], list(params)
         ids = frozenset(id(p) for p in params)
         facts = [(r.param_ids(), self.intact(r)) for r in self.runs]
-        distrust = _invisible_writers() if self.config.fuse and self.runs else "fuse=False"
+        distrust = _invisible_writers()
         used, left = plan_norm(facts, ids) if distrust is None else ([], ids)
-        if distrust is not None and self.runs:
+        if distrust is not None:
             self.stats[f"norm_not_trusted_{distrust}"] += 1
         runs = [self.runs[i] for i in used]
         self.runs = [r for r, (rids, _) in zip(self.runs, facts) if not (rids & ids)]
@@ -210,6 +215,10 @@ class ClipRuntime:
         """Torch's step pre-hook, for a step this clip owns. Returns new (args, kwargs) when
         the step's closure is wrapped."""
         self._run_state_drops()
+        if self.retry_clipped:  # the eager rerun of a step whose clip already ran
+            self.retry_clipped = False
+            self.open_step = StepRecord(weakref.ref(opt), Path.EAGER, done=True)
+            return None
         closure = args[1] if len(args) > 1 else kwargs.get("closure")
         path = choose_path(
             compiled_frame=compiled_frame, has_step_graph=opt in self.step_optimizers,
@@ -226,11 +235,15 @@ class ClipRuntime:
             if runs and not left:
                 rec.handed_norm = clipmath.combine([r.norm for r in runs], self.config.norm_type)
         else:
+            @torch._dynamo.disable  # a compiled step traces its closure: the clip stays eager
+            def clip_now():
+                self.clip_step(opt)
+                rec.done = True
+
             def clipped_closure():
                 with torch.enable_grad():
                     loss = closure()
-                self.clip_step(opt)
-                rec.done = True
+                clip_now()
                 return loss
 
             if len(args) > 1:
@@ -269,7 +282,10 @@ class ClipRuntime:
             )
 
     def abort_step(self) -> None:
-        self.open_step = None
+        """The compiled step raised before its body ran (Dynamo's recompile limit) and will be
+        run again eagerly: that run's pre-hook must not clip twice."""
+        rec, self.open_step = self.open_step, None
+        self.retry_clipped = rec is not None and rec.done
 
     def take_step(self, opt) -> tuple[bool, torch.Tensor | None]:
         """For a compiled step graph of this clip: (whether it must clip, the handed norm)."""

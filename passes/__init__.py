@@ -3,8 +3,8 @@
 They know nothing of ``torch.compile``'s plumbing; ``compileclip.backend`` decides when each
 runs. In the order they run on a partitioned backward graph:
 
-1. ``clip_norm.insert_grad_norm_clip``: total norm of the selected gradient outputs, the clip
-   coefficient, and the scaled gradients, with the norm as an extra output.
+1. ``grad_norm.insert_grad_norm``: the float32 total norm of the selected gradient outputs,
+   as an extra output (the gradients are left alone; the clip happens at the step).
 
 On a Dynamo graph of a compiled optimizer step (before AOTAutograd):
 
@@ -18,15 +18,15 @@ On the aten-level inference graph AOTAutograd makes of that step graph:
   state) kept only where a device-side flag says so, for skipping nonfinite steps.
 """
 
-from .clip_norm import ClipInsertion, insert_grad_norm_clip
+from .grad_norm import NormInsertion, insert_grad_norm
 from .clip_step import StepClipInsertion, grad_placeholders, insert_step_clip
 from .guard_step import guard_input_mutations
 
 __all__ = [
-    "ClipInsertion",
+    "NormInsertion",
     "StepClipInsertion",
     "grad_placeholders",
     "guard_input_mutations",
-    "insert_grad_norm_clip",
+    "insert_grad_norm",
     "insert_step_clip",
 ]

@@ -1,4 +1,5 @@
-"""Golden graphs: what ``insert_grad_norm_clip`` puts into a small backward graph."""
+"""Golden graphs: what ``insert_grad_norm`` puts into a small backward graph, and what
+``guard_input_mutations`` does to a step graph."""
 
 import math
 
@@ -7,7 +8,7 @@ import torch.fx as fx
 from expecttest import TestCase
 from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
 
-from compileclip.passes import insert_grad_norm_clip
+from compileclip.passes import insert_grad_norm
 
 
 class _TupleOut(torch.nn.Module):
@@ -20,8 +21,8 @@ class _TupleOut(torch.nn.Module):
         return (self.lin(x),)
 
 
-def rewritten_backward(norm_type: float, guard_nonfinite: bool = False) -> str:
-    """The backward graph of Linear(3, 2) after the pass, with every gradient clipped."""
+def rewritten_backward(norm_type: float, unscale: bool = False) -> str:
+    """The backward graph of Linear(3, 2) after the pass, with the norm of every gradient."""
     torch.manual_seed(0)
     model = _TupleOut()
     captured = []
@@ -29,16 +30,17 @@ def rewritten_backward(norm_type: float, guard_nonfinite: bool = False) -> str:
     def bw(gm: fx.GraphModule, inputs):
         out = next(n for n in gm.graph.nodes if n.op == "output")
         grads = [i for i, a in enumerate(out.args[0]) if isinstance(a, fx.Node)]
-        result = insert_grad_norm_clip(gm, grads, norm_type, guard_nonfinite=guard_nonfinite)
+        result = insert_grad_norm(gm, grads, norm_type, unscale=unscale)
         captured.append((result, gm))
-        # the caller's side of the convention: append the two runtime inputs, drop the norm
-        return make_boxed_func(lambda *a: gm(*a, torch.tensor(1.0), torch.tensor(True))[:-1])
+        # the caller's side of the convention: append the scale, drop the norm
+        extra = (torch.tensor(4.0),) if unscale else ()
+        return make_boxed_func(lambda *a: gm(*a, *extra)[:-1])
 
     fw = lambda gm, inputs: make_boxed_func(gm.forward)  # noqa: E731
     compiled = aot_module_simplified(model, (torch.randn(4, 3),), fw_compiler=fw, bw_compiler=bw)
     compiled(torch.randn(4, 3))[0].sum().backward()
     result, gm = captured[0]
-    assert result.num_grads == 2 and result.placeholders == ("clip_max_norm", "clip_enabled")
+    assert result.num_grads == 2 and result.placeholders == (("clip_scale",) if unscale else ())
     return gm.print_readable(print_output=False, include_stride=False, include_device=False)
 
 
@@ -46,7 +48,7 @@ class TestGoldenGraphs(TestCase):
     def test_norm_2(self):
         self.assertExpectedInline(rewritten_backward(2.0), """\
 class GraphModule(torch.nn.Module):
-    def forward(self, primals_3: "f32[4, 3]", tangents_1: "f32[4, 2]", clip_max_norm: "f32[]", clip_enabled: "b8[]"):
+    def forward(self, primals_3: "f32[4, 3]", tangents_1: "f32[4, 2]"):
         # No stacktrace found for following nodes
         t_1: "f32[2, 4]" = torch.ops.aten.t.default(tangents_1)
         mm: "f32[2, 3]" = torch.ops.aten.mm.default(t_1, primals_3);  t_1 = primals_3 = None
@@ -60,20 +62,13 @@ class GraphModule(torch.nn.Module):
         sum_default_1: "f32[]" = torch.ops.aten.sum.default(mul_tensor_1);  mul_tensor_1 = None
         add_tensor: "f32[]" = torch.ops.aten.add.Tensor(sum_default, sum_default_1);  sum_default = sum_default_1 = None
         sqrt_default: "f32[]" = torch.ops.aten.sqrt.default(add_tensor);  add_tensor = None
-        add_tensor_1: "f32[]" = torch.ops.aten.add.Tensor(sqrt_default, 1e-06)
-        div_tensor: "f32[]" = torch.ops.aten.div.Tensor(clip_max_norm, add_tensor_1);  clip_max_norm = add_tensor_1 = None
-        clamp_max_default: "f32[]" = torch.ops.aten.clamp_max.default(div_tensor, 1.0);  div_tensor = None
-        full_default: "f32[]" = torch.ops.aten.full.default([], 1.0, dtype = torch.float32, device = device(type='cpu'), pin_memory = False)
-        where_self: "f32[]" = torch.ops.aten.where.self(clip_enabled, clamp_max_default, full_default);  clip_enabled = clamp_max_default = full_default = None
-        mul_tensor_2: "f32[2, 3]" = torch.ops.aten.mul.Tensor(t_3, where_self);  t_3 = None
-        mul_tensor_3: "f32[2]" = torch.ops.aten.mul.Tensor(view, where_self);  view = where_self = None
-        return (mul_tensor_2, mul_tensor_3, None, sqrt_default)
+        return (t_3, view, None, sqrt_default)
 """)
 
     def test_norm_inf(self):
         self.assertExpectedInline(rewritten_backward(math.inf), """\
 class GraphModule(torch.nn.Module):
-    def forward(self, primals_3: "f32[4, 3]", tangents_1: "f32[4, 2]", clip_max_norm: "f32[]", clip_enabled: "b8[]"):
+    def forward(self, primals_3: "f32[4, 3]", tangents_1: "f32[4, 2]"):
         # No stacktrace found for following nodes
         t_1: "f32[2, 4]" = torch.ops.aten.t.default(tangents_1)
         mm: "f32[2, 3]" = torch.ops.aten.mm.default(t_1, primals_3);  t_1 = primals_3 = None
@@ -86,20 +81,13 @@ class GraphModule(torch.nn.Module):
         abs_default_1: "f32[2]" = torch.ops.aten.abs.default(view)
         amax_default_1: "f32[]" = torch.ops.aten.amax.default(abs_default_1, []);  abs_default_1 = None
         maximum_default: "f32[]" = torch.ops.aten.maximum.default(amax_default, amax_default_1);  amax_default = amax_default_1 = None
-        add_tensor: "f32[]" = torch.ops.aten.add.Tensor(maximum_default, 1e-06)
-        div_tensor: "f32[]" = torch.ops.aten.div.Tensor(clip_max_norm, add_tensor);  clip_max_norm = add_tensor = None
-        clamp_max_default: "f32[]" = torch.ops.aten.clamp_max.default(div_tensor, 1.0);  div_tensor = None
-        full_default: "f32[]" = torch.ops.aten.full.default([], 1.0, dtype = torch.float32, device = device(type='cpu'), pin_memory = False)
-        where_self: "f32[]" = torch.ops.aten.where.self(clip_enabled, clamp_max_default, full_default);  clip_enabled = clamp_max_default = full_default = None
-        mul_tensor: "f32[2, 3]" = torch.ops.aten.mul.Tensor(t_3, where_self);  t_3 = None
-        mul_tensor_1: "f32[2]" = torch.ops.aten.mul.Tensor(view, where_self);  view = where_self = None
-        return (mul_tensor, mul_tensor_1, None, maximum_default)
+        return (t_3, view, None, maximum_default)
 """)
 
-    def test_nonfinite_guard(self):
-        self.assertExpectedInline(rewritten_backward(1.0, guard_nonfinite=True), """\
+    def test_unscale(self):
+        self.assertExpectedInline(rewritten_backward(2.0, unscale=True), """\
 class GraphModule(torch.nn.Module):
-    def forward(self, primals_3: "f32[4, 3]", tangents_1: "f32[4, 2]", clip_max_norm: "f32[]", clip_enabled: "b8[]"):
+    def forward(self, primals_3: "f32[4, 3]", tangents_1: "f32[4, 2]", clip_scale: "f32[]"):
         # No stacktrace found for following nodes
         t_1: "f32[2, 4]" = torch.ops.aten.t.default(tangents_1)
         mm: "f32[2, 3]" = torch.ops.aten.mm.default(t_1, primals_3);  t_1 = primals_3 = None
@@ -107,47 +95,20 @@ class GraphModule(torch.nn.Module):
         sum_1: "f32[1, 2]" = torch.ops.aten.sum.dim_IntList(tangents_1, [0], True);  tangents_1 = None
         view: "f32[2]" = torch.ops.aten.view.default(sum_1, [2]);  sum_1 = None
         t_3: "f32[2, 3]" = torch.ops.aten.t.default(t_2);  t_2 = None
-        abs_default: "f32[2, 3]" = torch.ops.aten.abs.default(t_3)
-        sum_default: "f32[]" = torch.ops.aten.sum.default(abs_default);  abs_default = None
-        abs_default_1: "f32[2]" = torch.ops.aten.abs.default(view)
-        sum_default_1: "f32[]" = torch.ops.aten.sum.default(abs_default_1);  abs_default_1 = None
+        convert_element_type_default: "f64[]" = torch.ops.prims.convert_element_type.default(clip_scale, torch.float64);  clip_scale = None
+        reciprocal_default: "f64[]" = torch.ops.aten.reciprocal.default(convert_element_type_default);  convert_element_type_default = None
+        convert_element_type_default_1: "f32[]" = torch.ops.prims.convert_element_type.default(reciprocal_default, torch.float32);  reciprocal_default = None
+        mul_tensor: "f32[2, 3]" = torch.ops.aten.mul.Tensor(t_3, convert_element_type_default_1)
+        mul_tensor_1: "f32[2, 3]" = torch.ops.aten.mul.Tensor(mul_tensor, mul_tensor);  mul_tensor = None
+        sum_default: "f32[]" = torch.ops.aten.sum.default(mul_tensor_1);  mul_tensor_1 = None
+        mul_tensor_2: "f32[2]" = torch.ops.aten.mul.Tensor(view, convert_element_type_default_1);  convert_element_type_default_1 = None
+        mul_tensor_3: "f32[2]" = torch.ops.aten.mul.Tensor(mul_tensor_2, mul_tensor_2);  mul_tensor_2 = None
+        sum_default_1: "f32[]" = torch.ops.aten.sum.default(mul_tensor_3);  mul_tensor_3 = None
         add_tensor: "f32[]" = torch.ops.aten.add.Tensor(sum_default, sum_default_1);  sum_default = sum_default_1 = None
-        add_tensor_1: "f32[]" = torch.ops.aten.add.Tensor(add_tensor, 1e-06)
-        div_tensor: "f32[]" = torch.ops.aten.div.Tensor(clip_max_norm, add_tensor_1);  clip_max_norm = add_tensor_1 = None
-        clamp_max_default: "f32[]" = torch.ops.aten.clamp_max.default(div_tensor, 1.0);  div_tensor = None
-        full_default: "f32[]" = torch.ops.aten.full.default([], 1.0, dtype = torch.float32, device = device(type='cpu'), pin_memory = False)
-        abs_default_2: "f32[]" = torch.ops.aten.abs.default(add_tensor)
-        lt_scalar: "b8[]" = torch.ops.aten.lt.Scalar(abs_default_2, inf);  abs_default_2 = None
-        where_self: "f32[]" = torch.ops.aten.where.self(lt_scalar, clamp_max_default, full_default);  lt_scalar = clamp_max_default = None
-        where_self_1: "f32[]" = torch.ops.aten.where.self(clip_enabled, where_self, full_default);  clip_enabled = where_self = full_default = None
-        mul_tensor: "f32[2, 3]" = torch.ops.aten.mul.Tensor(t_3, where_self_1);  t_3 = None
-        mul_tensor_1: "f32[2]" = torch.ops.aten.mul.Tensor(view, where_self_1);  view = where_self_1 = None
-        return (mul_tensor, mul_tensor_1, None, add_tensor)
+        sqrt_default: "f32[]" = torch.ops.aten.sqrt.default(add_tensor);  add_tensor = None
+        return (t_3, view, None, sqrt_default)
 """)
 
-
-def guarded_step_graph() -> tuple[str, int]:
-    """An SGD-like update of two inputs, functionalized (mutations become copy_ at the end),
-    with a skip flag output, after ``guard_input_mutations`` (input 2 excluded)."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    from compileclip.passes import guard_input_mutations
-
-    def step(param, buf, grad):
-        total = grad.norm()
-        flag = (~(total.abs() < math.inf)).float()
-        buf.mul_(0.9).add_(grad)
-        param.sub_(0.1 * buf)
-        grad.mul_(0.5)
-        return (total, flag)
-
-    args = (torch.randn(3), torch.randn(3), torch.randn(3))
-    gm = make_fx(torch.func.functionalize(step, remove="mutations_and_views"), tracing_mode="fake")(*args)
-    n = guard_input_mutations(gm, -1, exclude=[2])
-    return gm.code.strip(), n
-
-
-class TestGuardStep(TestCase):
     def test_writes_into_inputs_are_guarded(self):
         code, n = guarded_step_graph()
         self.assertEqual(n, 2)  # param and buf; the gradient (excluded) is written as is

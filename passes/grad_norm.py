@@ -1,0 +1,126 @@
+"""Add the total norm of the parameter gradients to a partitioned backward graph.
+
+The rewrite computes what ``torch.nn.utils.get_total_norm`` would return for the gradients
+the graph produces::
+
+    total = ||(||g_1||_p, ..., ||g_n||_p)||_p          # accumulated in float32
+
+and appends it as the last graph output. The gradients themselves are left as they are: only
+the optimizer step knows whether they are final (compileclip's runtime decides there, and
+uses this norm where its records prove it is the norm of the final ``.grad``). With
+``unscale``, a ``clip_scale`` placeholder (a GradScaler's scale) is added and the norm is that
+of ``g / scale``, as after ``GradScaler.unscale_``. Only aten/prims ops that Inductor lowers
+are inserted, all before the output node; Inductor's scheduler places and fuses them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+
+@dataclasses.dataclass(frozen=True)
+class NormInsertion:
+    """What ``insert_grad_norm`` changed: how many gradients the norm covers and the names of
+    the placeholders it added (``("clip_scale",)`` with ``unscale``, else none)."""
+
+    num_grads: int
+    placeholders: tuple[str, ...]
+
+
+class _Builder:
+    """Appends nodes before the output node, each with ``meta["val"]`` computed under the
+    graph's fake mode (Inductor's lowering reads it)."""
+
+    def __init__(self, gm: fx.GraphModule, fake_mode) -> None:
+        self.graph = gm.graph
+        self.output = self.graph.output_node() if hasattr(self.graph, "output_node") else next(
+            n for n in reversed(self.graph.nodes) if n.op == "output"
+        )
+        self.fake_mode = fake_mode
+
+    def __call__(self, target, *args, **kwargs) -> fx.Node:
+        def val(a):
+            return a.meta["val"] if isinstance(a, fx.Node) else a
+
+        with self.fake_mode:
+            v = target(
+                *[[val(x) for x in a] if isinstance(a, (list, tuple)) else val(a) for a in args],
+                **{k: val(a) for k, a in kwargs.items()},
+            )
+        with self.graph.inserting_before(self.output):
+            node = self.graph.call_function(target, tuple(args), kwargs)
+        node.meta["val"] = v
+        return node
+
+
+def _partial_norm(b: _Builder, g: fx.Node, p: float, inv: fx.Node | None = None) -> fx.Node:
+    """sum(|g|^p) (or max |g| for p = inf) of one gradient (times ``inv``), in float32."""
+    if inv is not None:  # unscale in the gradient's dtype, as GradScaler.unscale_ does
+        g = b(aten.mul.Tensor, g, inv)
+    if g.meta["val"].dtype != torch.float32:
+        g = b(prims.convert_element_type.default, g, torch.float32)
+    if math.isinf(p):
+        return b(aten.amax.default, b(aten.abs.default, g), [])
+    if p == 2.0:
+        return b(aten.sum.default, b(aten.mul.Tensor, g, g))
+    a = b(aten.abs.default, g)
+    return b(aten.sum.default, a if p == 1.0 else b(aten.pow.Tensor_Scalar, a, p))
+
+
+def insert_grad_norm(gm: fx.GraphModule, grad_indices: Sequence[int], norm_type: float, *, unscale: bool = False) -> NormInsertion:
+    """Append the float32 ``norm_type``-norm of the outputs at ``grad_indices`` of ``gm`` as
+    one more output (see the module docstring). With no gradients the norm is 0, so the
+    calling convention does not depend on the graph."""
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    fake_mode = detect_fake_mode([n.meta.get("val") for n in placeholders])
+    if fake_mode is None:
+        raise RuntimeError("insert_grad_norm needs a graph traced with FakeTensor values")
+    b = _Builder(gm, fake_mode)
+    outputs = list(b.output.args[0])
+    grads = [outputs[i] for i in grad_indices]
+    if any(not isinstance(g, fx.Node) for g in grads):
+        raise ValueError(f"grad_indices {list(grad_indices)} select outputs that are not tensors")
+    device = grads[0].meta["val"].device if grads else torch.device("cpu")
+    names = ("clip_scale",) if unscale else ()
+    inv = None
+    if unscale:
+        with graph.inserting_after(placeholders[-1]):
+            scale = graph.placeholder("clip_scale")
+        with fake_mode:
+            scale.meta["val"] = torch.empty((), dtype=torch.float32, device=device)
+        # GradScaler.unscale_'s inverse: reciprocal in float64, then float32
+        scale64 = b(prims.convert_element_type.default, scale, torch.float64)
+        inv = b(prims.convert_element_type.default, b(aten.reciprocal.default, scale64), torch.float32)
+    p = float(norm_type)
+    if grads:
+        partials = [_partial_norm(b, g, p, inv) for g in grads]
+        # a chain of pointwise ops on 0-d tensors, which Inductor fuses into one kernel
+        # (aten.stack has no lowering, only a decomposition)
+        combine = aten.maximum.default if math.isinf(p) else aten.add.Tensor
+        total = partials[0]
+        for part in partials[1:]:
+            total = b(combine, total, part)
+        if not math.isinf(p):
+            if p == 2.0:
+                total = b(aten.sqrt.default, total)
+            elif p != 1.0:
+                total = b(aten.pow.Tensor_Scalar, total, 1.0 / p)
+    else:
+        total = b(aten.full.default, [], 0.0, dtype=torch.float32, device=device, pin_memory=False)
+    b.output.args = (tuple(outputs) + (total,),)
+    desc = b.output.meta.get("desc")
+    if isinstance(desc, (list, tuple)):
+        b.output.meta["desc"] = [*desc, None]
+    graph.lint()
+    gm.recompile()
+    return NormInsertion(len(grads), names)
