@@ -109,6 +109,30 @@ class GraphModule(torch.nn.Module):
         return (t_3, view, None, sqrt_default)
 """)
 
+
+
+def guarded_step_graph() -> tuple[str, int]:
+    """An SGD-like update of two inputs, functionalized (mutations become copy_ at the end),
+    with a skip flag output, after ``guard_input_mutations`` (input 2 excluded)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from compileclip.passes import guard_input_mutations
+
+    def step(param, buf, grad):
+        total = grad.norm()
+        flag = (~(total.abs() < math.inf)).float()
+        buf.mul_(0.9).add_(grad)
+        param.sub_(0.1 * buf)
+        grad.mul_(0.5)
+        return (total, flag)
+
+    args = (torch.randn(3), torch.randn(3), torch.randn(3))
+    gm = make_fx(torch.func.functionalize(step, remove="mutations_and_views"), tracing_mode="fake")(*args)
+    n = guard_input_mutations(gm, -1, exclude=[2])
+    return gm.code.strip(), n
+
+
+class TestGuardStep(TestCase):
     def test_writes_into_inputs_are_guarded(self):
         code, n = guarded_step_graph()
         self.assertEqual(n, 2)  # param and buf; the gradient (excluded) is written as is
