@@ -15,6 +15,7 @@ constant (``torch.compiler.is_compiling()``).
 from __future__ import annotations
 
 import gc
+import warnings
 import weakref
 
 import torch
@@ -48,12 +49,13 @@ def register(clip) -> None:
 _BACKEND_LINKS = ("dynamo_ctx", "callback", "_torchdynamo_orig_backend", "_inner_convert", "compiler_fn")
 
 
-def _backend_of(obj, depth: int = 8):
-    """The ClipBackend behind a ``torch.compile`` wrapper (an OptimizedModule's context, or
-    the function ``Module.compile`` installs), following Dynamo's wrappers, or None."""
+def _backend_of(obj, clips: dict, depth: int = 8):
+    """The ClipBackend (among ``clips``, by id) behind a ``torch.compile`` wrapper (an
+    OptimizedModule's context, or the function ``Module.compile`` installs), following
+    Dynamo's wrappers, or None. By identity: some wrappers are not hashable."""
     for _ in range(depth):
-        if obj in _clips:
-            return obj
+        if id(obj) in clips:
+            return clips[id(obj)]
         nxt = next((getattr(obj, a) for a in _BACKEND_LINKS if getattr(obj, a, None) is not None), None)
         if nxt is None and callable(obj) and getattr(obj, "__closure__", None):
             # Module.compile's function closes over the Dynamo context
@@ -69,9 +71,16 @@ def _discover(runtimes) -> None:
     """Clips that compiled nothing (Dynamo ran their model eagerly: a module it skips, its
     recompile limit) learn their modules from the ``torch.compile`` wrappers that hold them:
     ``torch.compile(model, backend=clip)`` and ``model.compile(backend=clip)``."""
+    wanted = {id(rt) for rt in runtimes}
+    clips = {id(c): c for c in list(_clips)}
+    with warnings.catch_warnings():  # touching every object wakes deprecated ones
+        warnings.simplefilter("ignore")
+        _scan(wanted, clips)
+
+
+def _scan(wanted: set, clips: dict) -> None:
     from torch._dynamo.eval_frame import OptimizedModule
 
-    wanted = {id(rt) for rt in runtimes}
     for obj in gc.get_objects():
         try:
             if isinstance(obj, OptimizedModule):
@@ -80,7 +89,7 @@ def _discover(runtimes) -> None:
                 mod, link = obj, obj._compiled_call_impl
             else:
                 continue
-            clip = _backend_of(link)
+            clip = _backend_of(link, clips)
         except ReferenceError:  # a weak proxy whose object is gone
             continue
         if clip is not None and id(clip._runtime) in wanted:
