@@ -12,12 +12,14 @@ own deep copy and Adam optimizer) train on one fixed batch:
     eager_clip             eager model + eager clip_grad_norm_(foreach=True)   (the reference)
     compiled_eagerclip     torch.compile(model) + eager clip_grad_norm_
     compiled_compiledclip  torch.compile(model) + torch.compile(clip_grad_norm_ wrapper)
-    fused                  torch.compile(model, backend=clip_backend(max_norm))
-    fallback               torch.compile(model, backend=clip_backend(max_norm, fuse=False))
+    fused                  torch.compile(model, backend=clip_backend(max_norm)), eager opt.step():
+                           norm in the backward graph, one _foreach_mul_ at the step
+    fallback               torch.compile(model, backend=clip_backend(max_norm, fuse=False)):
+                           norm and scale eagerly at the step
     cstep_noclip           torch.compile(model) + torch.compile(opt.step), no clipping
                            (the floor of the three below)
     cstep_eagerclip        torch.compile(model) + eager clip_grad_norm_ + torch.compile(opt.step)
-    step_fused             torch.compile(model) + torch.compile(opt.step, backend=clip)
+    step_fused             torch.compile(model) + clip.compile_step(opt)
     both                   model and step compiled with the same clip object
 
 Steps: check (the clipping variants must match eager_clip, else exit 1), warm up, then time

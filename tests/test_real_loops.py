@@ -132,7 +132,7 @@ def test_sweep_of_ten_trials(max_norm):
             compare_with_eager(supervised(), lambda: [models.mlp()],
                                lambda ms: [torch.optim.SGD(ms[0].parameters(), lr=lr, momentum=0.9)],
                                max_norm=max_norm, iterations=2, seed=trial, **AOT)
-        except Exception as e:
+        except (AssertionError, RuntimeError) as e:  # say which trial
             raise AssertionError(f"trial {trial} of the sweep: {type(e).__name__}: {e}") from e
 
 
