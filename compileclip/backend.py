@@ -199,16 +199,22 @@ class ClipBackend:
     def _norm_in_backward(self, param_idx, gm: fx.GraphModule, example_inputs, patches):
         """Add the norm of the parameters' gradients to a partitioned backward graph (the
         gradients themselves are left as they are: only the step knows they are final)."""
-        positions = _grad_outputs(gm, param_idx)
         rt = self._runtime
+        out = gm.graph.output_node() if hasattr(gm.graph, "output_node") else next(
+            n for n in reversed(gm.graph.nodes) if n.op == "output")
+        # Inductor norms a bf16/fp16 gradient before rounding it to its dtype (it fuses the
+        # norm into the producer), eager norms the rounded .grad: 2.9e-5 apart on a bf16 MLP.
+        # Those gradients are normed at the step instead, from .grad (records.plan_norm).
+        positions = [(pos, idx) for pos, idx in _grad_outputs(gm, param_idx)
+                     if out.args[0][pos].meta["val"].dtype in (torch.float32, torch.float64)]
+        if not positions:
+            return example_inputs, lambda compiled: compiled
         insertion = insert_grad_norm(
             gm, [pos for pos, _ in positions], self.config.norm_type, unscale=rt.scaler is not None,
         )
         from torch._guards import detect_fake_mode
 
         fake_mode = detect_fake_mode(example_inputs)
-        out = gm.graph.output_node() if hasattr(gm.graph, "output_node") else next(
-            n for n in reversed(gm.graph.nodes) if n.op == "output")
         device = out.args[0][-1].meta["val"].device
         with fake_mode:
             extra = [torch.empty((), dtype=torch.float32, device=device) for _ in insertion.placeholders]

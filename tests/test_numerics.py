@@ -24,21 +24,22 @@ def test_norm_types(norm_type, max_norm):
 
 
 # bf16/fp16: the compiled and the eager model differ in rounding of intermediates (Inductor
-# computes pointwise ops in fp32 and rounds once; eager rounds after every op), so gradients
-# agree to the dtype's precision, not bit for bit. The reference norm is taken in float64
-# from eager's gradients. Observed on the MLP: max relative gradient difference ~4e-3
-# (bf16, eps 7.8e-3) and ~5e-4 (fp16, eps 9.8e-4); tolerances are about 2 eps.
+# computes pointwise ops in fp32 and rounds once; eager rounds after every op). The reference
+# is therefore the same model under plain torch.compile, clipped eagerly with a float64 norm.
 @pytest.mark.parametrize("max_norm", [ACTIVE, INACTIVE], ids=["active", "inactive"])
-@pytest.mark.parametrize(
-    "dtype,rtol,atol",
-    [(torch.bfloat16, 1.6e-2, 1e-4), (torch.float16, 2e-3, 1e-5)],
-    ids=["bf16", "fp16"],
-)
-def test_low_precision_parameters(dtype, rtol, atol, max_norm):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_parameters(dtype, max_norm):
+    """Against plain torch.compile + eager clip_grad_norm_ (float64 norm), at assert_close's
+    default tolerances for the dtype. The compiled reference cancels Inductor's own rounding:
+    plain torch.compile without any clip differs from eager by up to 4.9e-4 on these bf16
+    gradients (torch 2.11 and 2.13), while the clip's result differs from the compiled
+    reference by 0 with the clip inactive and by at most 7.6e-6 with it active (measured).
+    Low-precision gradients are normed at the step from .grad: Inductor would norm them
+    before their rounding to the dtype (2.9e-5 relative on this model)."""
     compare_with_eager(
         zoo.mlp, lambda s: (torch.randn(6, 8, dtype=dtype),),
         dtype=dtype, reference_dtype=torch.float64, max_norm=max_norm,
-        rtol=rtol, atol=atol, expect_stats=FUSED,
+        expect_stats={"step_eager": 2, "norm_at_step": 2}, compiled_reference=True,
     )
 
 
