@@ -3,6 +3,7 @@ compiles optimizer steps with the clip inside, and registers with the step hooks
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any
 
@@ -60,6 +61,36 @@ def _grad_outputs(gm: fx.GraphModule, param_idx: dict[int, Any]) -> list[tuple[i
         if idx in param_idx:
             pairs.append((pos, idx))
     return pairs
+
+
+def _norm_in_backward(rt: ClipRuntime, norm_type: float, param_idx, gm: fx.GraphModule, example_inputs, *, patches):
+    """Add the norm of the parameters' gradients to a partitioned backward graph (the
+    gradients themselves are left as they are: only the step knows they are final)."""
+    out = gm.graph.output_node() if hasattr(gm.graph, "output_node") else next(
+        n for n in reversed(gm.graph.nodes) if n.op == "output")
+    # Inductor norms a bf16/fp16 gradient before rounding it to its dtype (it fuses the
+    # norm into the producer), eager norms the rounded .grad: 2.9e-5 apart on a bf16 MLP.
+    # Those gradients are normed at the step instead, from .grad (records.plan_norm).
+    positions = [(pos, idx) for pos, idx in _grad_outputs(gm, param_idx)
+                 if out.args[0][pos].meta["val"].dtype in (torch.float32, torch.float64)]
+    if not positions:
+        return example_inputs, lambda compiled: compiled
+    insertion = insert_grad_norm(
+        gm, [pos for pos, _ in positions], norm_type, unscale=rt.scaler is not None,
+    )
+    from torch._guards import detect_fake_mode
+
+    fake_mode = detect_fake_mode(example_inputs)
+    device = out.args[0][-1].meta["val"].device
+    with fake_mode:
+        extra = [torch.empty((), dtype=torch.float32, device=device) for _ in insertion.placeholders]
+    grads = [(pos, weakref.ref(param_idx[idx])) for pos, idx in positions]
+    cudagraphs = bool(patches.get("triton.cudagraphs", False))
+
+    def wrap(compiled):
+        return _NormRecordingBackward(compiled, rt, device, grads, cudagraphs)
+
+    return [*example_inputs, *extra], wrap
 
 
 class _NormRecordingBackward:
@@ -191,40 +222,12 @@ class ClipBackend:
         rt.graph_compiled()
         rewrite = None
         if param_idx and self.config.fuse and (self.config.computes_norm or rt.scaler is not None):
-            rewrite = lambda g, inputs: self._norm_in_backward(param_idx, g, inputs, patches)  # noqa: E731
+            # no reference to self: AOTAutograd may keep this past torch._dynamo.reset(), and a
+            # live ClipBackend hears every optimizer step (a bare runtime hears none)
+            rewrite = functools.partial(_norm_in_backward, rt, self.config.norm_type, param_idx, patches=patches)
         compiled = compile_graph(self.config.inner, gm, example_inputs, backward_rewrite=rewrite, config_patches=patches)
 
         return compiled
-
-    def _norm_in_backward(self, param_idx, gm: fx.GraphModule, example_inputs, patches):
-        """Add the norm of the parameters' gradients to a partitioned backward graph (the
-        gradients themselves are left as they are: only the step knows they are final)."""
-        rt = self._runtime
-        out = gm.graph.output_node() if hasattr(gm.graph, "output_node") else next(
-            n for n in reversed(gm.graph.nodes) if n.op == "output")
-        # Inductor norms a bf16/fp16 gradient before rounding it to its dtype (it fuses the
-        # norm into the producer), eager norms the rounded .grad: 2.9e-5 apart on a bf16 MLP.
-        # Those gradients are normed at the step instead, from .grad (records.plan_norm).
-        positions = [(pos, idx) for pos, idx in _grad_outputs(gm, param_idx)
-                     if out.args[0][pos].meta["val"].dtype in (torch.float32, torch.float64)]
-        if not positions:
-            return example_inputs, lambda compiled: compiled
-        insertion = insert_grad_norm(
-            gm, [pos for pos, _ in positions], self.config.norm_type, unscale=rt.scaler is not None,
-        )
-        from torch._guards import detect_fake_mode
-
-        fake_mode = detect_fake_mode(example_inputs)
-        device = out.args[0][-1].meta["val"].device
-        with fake_mode:
-            extra = [torch.empty((), dtype=torch.float32, device=device) for _ in insertion.placeholders]
-        grads = [(pos, weakref.ref(param_idx[idx])) for pos, idx in positions]
-        cudagraphs = bool(patches.get("triton.cudagraphs", False))
-
-        def wrap(compiled):
-            return _NormRecordingBackward(compiled, rt, device, grads, cudagraphs)
-
-        return [*example_inputs, *extra], wrap
 
 
 def clip_backend(
