@@ -41,7 +41,7 @@ import workloads as W  # noqa: E402
 
 RTOL, ATOL = 1e-4, 1e-5
 QUICK_SIZE = {"mlp": 0.5, "deep": 0.25, "gpt": 0.5, "lstm": 0.5}
-MIN_REPS, MAX_REPS = 8, 200
+MIN_REPS, MAX_REPS = 6, 200
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="interleaved repetitions (default: as many as --time-budget allows, "
                         f"{MIN_REPS} to {MAX_REPS})")
     p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds of timing per workload when --reps is not given (default 40)")
+                   help="seconds of timing per workload when --reps is not given (default 30)")
     p.add_argument("--steps", type=int, default=None, help="steps per timed block (default 3)")
     p.add_argument("--check-steps", type=int, default=2, help="steps checked against eager")
     p.add_argument("--stat", choices=list(timing.STATS), default="median",
@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-norm", type=float, default=1e-2, help="clip threshold (default 0.01)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--profile-steps", type=int, default=None, help="profiled steps (default 3; 0: off)")
+    p.add_argument("--profile-steps", type=int, default=None, help="profiled steps (default 2; 0: off)")
     p.add_argument("--kernel-profile", action="store_true",
                    help="compile with cpp.enable_kernel_profile: Inductor kernels by name in the "
                         "profile (adds a RECORD_FUNCTION per kernel call to every step)")
@@ -88,9 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"unknown workload {w!r}; choose from {W.ALL}")
     args.size = parse_sizes(args.size, QUICK_SIZE if args.quick else W.DEFAULT_SIZE, p)
     quick = args.quick
-    args.time_budget = args.time_budget or (10.0 if quick else 40.0)
+    args.time_budget = args.time_budget or (10.0 if quick else 30.0)
     args.steps = args.steps or (2 if quick else 3)
-    args.profile_steps = (1 if quick else 3) if args.profile_steps is None else args.profile_steps
+    args.profile_steps = (1 if quick else 2) if args.profile_steps is None else args.profile_steps
     try:
         names = args.variants and [n.strip() for n in args.variants.split(",") if n.strip()]
         args.variant_names = names or None

@@ -293,6 +293,8 @@ def write_plot(path: Path, results: dict) -> bool:
     for target, style in ((0.6, "--"), (0.3, ":")):
         ax.axhline(target, color="grey", linestyle=style, linewidth=0.8, label=f"target {target}")
     ax.axhline(1, color="black", linewidth=0.5)
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(max(lo, -1.0), min(hi, 3.0))  # an unresolved CI would hide the rest
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("overhead / eager clip's overhead")
     ax.set_title("clip overhead ratio, 95% paired-bootstrap CI")
