@@ -68,11 +68,10 @@ def _norm_in_backward(rt: ClipRuntime, norm_type: float, param_idx, gm: fx.Graph
     gradients themselves are left as they are: only the step knows they are final)."""
     out = gm.graph.output_node() if hasattr(gm.graph, "output_node") else next(
         n for n in reversed(gm.graph.nodes) if n.op == "output")
-    # Inductor norms a bf16/fp16 gradient before rounding it to its dtype (it fuses the
-    # norm into the producer), eager norms the rounded .grad: 2.9e-5 apart on a bf16 MLP.
-    # Those gradients are normed at the step instead, from .grad (records.plan_norm).
-    positions = [(pos, idx) for pos, idx in _grad_outputs(gm, param_idx)
-                 if out.args[0][pos].meta["val"].dtype in (torch.float32, torch.float64)]
+    # the norm is one opaque operator (passes.norm_op) that reads the gradients as returned,
+    # bf16/fp16 ones after their rounding, as eager reads .grad (an Inductor reduction fused
+    # into the producer read them before rounding: 2.9e-5 apart on a bf16 MLP)
+    positions = _grad_outputs(gm, param_idx)
     if not positions:
         return example_inputs, lambda compiled: compiled
     insertion = insert_grad_norm(

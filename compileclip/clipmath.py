@@ -1,6 +1,6 @@
 """The clip's arithmetic, eagerly, in one place (the graph passes build the same formulas):
 
-    total = ||(||g_1||_p, ..., ||g_n||_p)||_p      per-tensor norms accumulated in float32
+    total = ||(||g_1||_p, ..., ||g_n||_p)||_p      per-tensor norms in float32 (passes.norm_op)
     coef  = clamp(max_norm / (total + 1e-6), max=1)
     g_i  *= coef                                   one _foreach_mul_ per device
     g_i   = clamp(g_i, -clip_value, clip_value)    if clip_value is set, after the norm clip
@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from .passes.clip_step import EPS  # eager clip_grad_norm_ adds it to the norm before dividing
+from .passes.norm_op import combine, per_tensor_norms  # noqa: F401  (the graphs' arithmetic)
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
@@ -42,27 +43,6 @@ def nonfinite_error(norm_type: float) -> RuntimeError:
         "non-finite, so it cannot be clipped. To disable this error and scale the "
         "gradients by the non-finite norm anyway, set `error_if_nonfinite=False`"
     )
-
-
-def per_tensor_norms(grads: Sequence[torch.Tensor], norm_type: float, device: torch.device) -> list[torch.Tensor]:
-    """``||g||_p`` of each gradient in float32, on ``device``."""
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for g in grads:
-        groups.setdefault((g.device, g.dtype), []).append(g)
-    norms = []
-    for (dev, _), gs in groups.items():
-        if dev.type in ("cpu", "cuda", "xpu"):
-            ns = torch._foreach_norm(gs, norm_type, dtype=torch.float32)
-        else:
-            ns = [torch.linalg.vector_norm(g, norm_type, dtype=torch.float32) for g in gs]
-        norms.extend(n.to(device) for n in ns)
-    return norms
-
-
-def combine(norms: Sequence[torch.Tensor], norm_type: float) -> torch.Tensor:
-    """The norm of a set of gradients from the norms of its parts (eager's norm of norms)."""
-    device = norms[0].device
-    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
 
 
 def coefficient(max_norm: torch.Tensor, total: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@
 ``GradSource`` (``param.grad``); the parameters and the optimizer state are attributes of the
 graph module. This rewrite works on that torch-level graph, before AOTAutograd and Inductor:
 
-    total = ||(||g_1||_p, ..., ||g_n||_p)||_p          # accumulated in float32
+    total = ||(||g_1||_p, ..., ||g_n||_p)||_p          # one compileclip::total_norm call
     coef  = clamp(max_norm / (total + 1e-6), max=1)
     every use of g_i  ->  g_i * coef
     g_i.copy_(g_i * coef)                              # optional, last: eager leaves .grad clipped
@@ -26,8 +26,7 @@ from collections.abc import Sequence
 import torch
 import torch.fx as fx
 
-
-
+from . import norm_op
 
 # eager clip_grad_norm_ adds this to the norm before dividing
 EPS = 1e-6
@@ -100,8 +99,15 @@ class _Builder:
         self.anchor = anchor
         self.new: set[fx.Node] = set()
 
+    _MISSING = object()
+
     def _val(self, a):
-        return a.meta.get("example_value") if isinstance(a, fx.Node) else a
+        if isinstance(a, (list, tuple)):
+            return type(a)(self._val(x) for x in a)
+        return a.meta.get("example_value", self._MISSING) if isinstance(a, fx.Node) else a
+
+    def _has_vals(self, vals) -> bool:
+        return all(self._has_vals(v) if isinstance(v, (list, tuple)) else v is not self._MISSING for v in vals)
 
     def __call__(self, op: str, target, *args, **kwargs) -> fx.Node:
         with self.graph.inserting_before(self.anchor):
@@ -110,7 +116,7 @@ class _Builder:
         if self.fake_mode is not None:
             vals = [self._val(a) for a in args]
             kw = {k: self._val(v) for k, v in kwargs.items()}
-            if not any(v is None for v in vals):
+            if self._has_vals(vals) and self._has_vals(kw.values()):
                 with self.fake_mode:
                     fn = getattr(vals[0], target) if op == "call_method" else target
                     v = fn(*vals[1:], **kw) if op == "call_method" else fn(*vals, **kw)
@@ -122,19 +128,6 @@ class _Builder:
 
     def method(self, name, *args, **kwargs) -> fx.Node:
         return self("call_method", name, *args, **kwargs)
-
-
-def _partial_norm(b: _Builder, g: fx.Node, p: float) -> fx.Node:
-    """sum(|g|^p) (or max |g| for p = inf) of one gradient, in float32."""
-    val = g.meta.get("example_value")
-    if val is None or val.dtype != torch.float32:
-        g = b.method("to", g, torch.float32)
-    if math.isinf(p):
-        return b.fn(torch.amax, b.fn(torch.abs, g))
-    if p == 2.0:
-        return b.fn(torch.sum, b.fn(torch.mul, g, g))
-    a = b.fn(torch.abs, g)
-    return b.fn(torch.sum, a if p == 1.0 else b.fn(torch.pow, a, p))
 
 
 def _on(b: _Builder, x: fx.Node, g: fx.Node, device) -> fx.Node:
@@ -206,6 +199,7 @@ def insert_step_clip(
     p = float(norm_type)
     # what every use of a gradient becomes, built up step by step
     clipped = list(grads)
+    inv = None
     if unscale:
         # GradScaler.unscale_: multiply by the float64 reciprocal rounded to float32, in the
         # gradient's dtype
@@ -215,22 +209,9 @@ def insert_step_clip(
     if given_norm:
         total = added["clip_total_norm"]
     elif clip_norm or compute_norm:
-        partials = []
-        for g, u in zip(grads, clipped):
-            part = _partial_norm(b, u, p)
-            gval = g.meta.get("example_value")
-            if gval is not None and gval.device != device:  # gradients on several devices
-                part = b.method("to", part, device)
-            partials.append(part)
-        combine = torch.maximum if math.isinf(p) else torch.add
-        total = partials[0]
-        for part in partials[1:]:
-            total = b.fn(combine, total, part)
-        if not math.isinf(p):
-            if p == 2.0:
-                total = b.fn(torch.sqrt, total)
-            elif p != 1.0:
-                total = b.fn(torch.pow, total, 1.0 / p)
+        # one extern call for all the gradients (norm_op): a constant number of kernels, and
+        # eager's arithmetic; unscaling (``inv``) happens inside, as GradScaler.unscale_ does
+        total = b.fn(norm_op.TOTAL_NORM, list(grads), p, inv)
     if total is not None:
         # 1.0 where the norm is nan or inf (|x| < inf is false for both)
         finite = b.fn(torch.lt, b.fn(torch.abs, total), math.inf)

@@ -3,25 +3,26 @@
 The rewrite computes what ``torch.nn.utils.get_total_norm`` would return for the gradients
 the graph produces::
 
-    total = ||(||g_1||_p, ..., ||g_n||_p)||_p          # accumulated in float32
+    total = ||(||g_1||_p, ..., ||g_n||_p)||_p          # per-tensor norms in float32
 
-and appends it as the last graph output. The gradients themselves are left as they are: only
+with one call of the ``compileclip::total_norm`` operator (``norm_op``: one extern kernel
+for all the gradients, eager's arithmetic), and appends it as the last graph output. The gradients themselves are left as they are: only
 the optimizer step knows whether they are final (compileclip's runtime decides there, and
 uses this norm where its records prove it is the norm of the final ``.grad``). With
 ``unscale``, a ``clip_scale`` placeholder (a GradScaler's scale) is added and the norm is that
-of ``g / scale``, as after ``GradScaler.unscale_``. Only aten/prims ops that Inductor lowers
-are inserted, all before the output node; Inductor's scheduler places and fuses them.
+of ``g / scale``, as after ``GradScaler.unscale_``. All inserted nodes go before the output node.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
+
+from . import norm_op
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -62,20 +63,6 @@ class _Builder:
         return node
 
 
-def _partial_norm(b: _Builder, g: fx.Node, p: float, inv: fx.Node | None = None) -> fx.Node:
-    """sum(|g|^p) (or max |g| for p = inf) of one gradient (times ``inv``), in float32."""
-    if inv is not None:  # unscale in the gradient's dtype, as GradScaler.unscale_ does
-        g = b(aten.mul.Tensor, g, inv)
-    if g.meta["val"].dtype != torch.float32:
-        g = b(prims.convert_element_type.default, g, torch.float32)
-    if math.isinf(p):
-        return b(aten.amax.default, b(aten.abs.default, g), [])
-    if p == 2.0:
-        return b(aten.sum.default, b(aten.mul.Tensor, g, g))
-    a = b(aten.abs.default, g)
-    return b(aten.sum.default, a if p == 1.0 else b(aten.pow.Tensor_Scalar, a, p))
-
-
 def insert_grad_norm(gm: fx.GraphModule, grad_indices: Sequence[int], norm_type: float, *, unscale: bool = False) -> NormInsertion:
     """Append the float32 ``norm_type``-norm of the outputs at ``grad_indices`` of ``gm`` as
     one more output (see the module docstring). With no gradients the norm is 0, so the
@@ -101,20 +88,9 @@ def insert_grad_norm(gm: fx.GraphModule, grad_indices: Sequence[int], norm_type:
         # GradScaler.unscale_'s inverse: reciprocal in float64, then float32
         scale64 = b(prims.convert_element_type.default, scale, torch.float64)
         inv = b(prims.convert_element_type.default, b(aten.reciprocal.default, scale64), torch.float32)
-    p = float(norm_type)
     if grads:
-        partials = [_partial_norm(b, g, p, inv) for g in grads]
-        # a chain of pointwise ops on 0-d tensors, which Inductor fuses into one kernel
-        # (aten.stack has no lowering, only a decomposition)
-        combine = aten.maximum.default if math.isinf(p) else aten.add.Tensor
-        total = partials[0]
-        for part in partials[1:]:
-            total = b(combine, total, part)
-        if not math.isinf(p):
-            if p == 2.0:
-                total = b(aten.sqrt.default, total)
-            elif p != 1.0:
-                total = b(aten.pow.Tensor_Scalar, total, 1.0 / p)
+        # one extern call for all the gradients (see norm_op): constant kernel count
+        total = b(norm_op.TOTAL_NORM, grads, float(norm_type), inv)
     else:
         total = b(aten.full.default, [], 0.0, dtype=torch.float32, device=device, pin_memory=False)
     b.output.args = (tuple(outputs) + (total,),)

@@ -61,6 +61,25 @@ def test_one_object_declines_the_backward_norm(case):
         assert clip.stats["norm_from_backward"] == 1, clip.stats
 
 
+def test_one_object_compiles_the_other_step_variant_when_first_needed():
+    """The step graph compiles the variant its first call needs (here: taking the backward's
+    norm) and the other one when a later step first needs it (here: step 3, whose gradients
+    were edited after the backward, so the step computes the norm itself). Compiled at run
+    time, outside Dynamo's tracing, from the call's real inputs; the steps match eager."""
+    calls = []
+
+    def before_step(model: nn.Module) -> None:
+        calls.append(model)
+        if len(calls) > 6:  # called for the model and for the eager reference: steps 3 and 4
+            next(iter(model.parameters())).grad.mul_(2.0)
+
+    _, clip = train_against_eager(
+        lambda m: OPTIMIZERS["adam"](m.parameters(), True), compile_model=True, steps=5,
+        before_step=before_step,
+    )
+    assert clip.stats["norm_from_backward"] == 3 and clip.stats["step_in_graph"] == 4, clip.stats
+
+
 def _halve_grad_in_place(p: torch.Tensor) -> None:
     p.grad.mul_(0.5)
 
@@ -108,11 +127,11 @@ def test_one_object_norm_in_backward_coefficient_in_step():
     norm_from_backward).
 
     Loop nests measured on CPU (torch 2.13), 2-layer MLP (4 gradients), SGD with momentum:
-    backward 3 plain, 6 with the norm (no scale loops: the backward never scales, so it
-    compiles once; before issue 8 it compiled a scaling variant first, 10 loop nests).
-    Each step compile builds two variants: the norm-computing one (plain 4 + 5, as in
-    test_clip_adds_only_the_norm_loops) and the one taking the norm (plain 4 + 1 scalar
-    kernel for the nonfinite flag), 14 in all."""
+    backward 3 plain and 3 with the norm (one extern call of compileclip::total_norm, no
+    loop nest; the backward never scales). The step compiles only the variant it needs: the
+    one taking the norm (plain 4 + 1 scalar kernel for the coefficient and the nonfinite
+    flag); before issue 9 it compiled the norm-computing variant too (14 loop nests in all).
+    """
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     opt = OPTIMIZERS["sgd"](model.parameters(), False)
@@ -129,9 +148,9 @@ def test_one_object_norm_in_backward_coefficient_in_step():
             step()
             counts.append((backward, metrics.generated_kernel_count))
             opt.zero_grad()
-    # step 0: the backward, both step variants; step 1: the step compiles again once SGD's
+    # step 0: the backward and the step; step 1: the step compiles again once SGD's
     # momentum buffers exist; step 2: nothing compiles
-    assert counts == [(6, 14), (0, 14), (0, 0)], counts
+    assert counts == [(3, 5), (0, 5), (0, 0)], counts
     # step 0 is clipped by the hook (its graph did not exist yet) with the backward's norm too
     assert clip.stats["norm_from_backward"] == 3, clip.stats
 

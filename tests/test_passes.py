@@ -56,13 +56,8 @@ class GraphModule(torch.nn.Module):
         sum_1: "f32[1, 2]" = torch.ops.aten.sum.dim_IntList(tangents_1, [0], True);  tangents_1 = None
         view: "f32[2]" = torch.ops.aten.view.default(sum_1, [2]);  sum_1 = None
         t_3: "f32[2, 3]" = torch.ops.aten.t.default(t_2);  t_2 = None
-        mul_tensor: "f32[2, 3]" = torch.ops.aten.mul.Tensor(t_3, t_3)
-        sum_default: "f32[]" = torch.ops.aten.sum.default(mul_tensor);  mul_tensor = None
-        mul_tensor_1: "f32[2]" = torch.ops.aten.mul.Tensor(view, view)
-        sum_default_1: "f32[]" = torch.ops.aten.sum.default(mul_tensor_1);  mul_tensor_1 = None
-        add_tensor: "f32[]" = torch.ops.aten.add.Tensor(sum_default, sum_default_1);  sum_default = sum_default_1 = None
-        sqrt_default: "f32[]" = torch.ops.aten.sqrt.default(add_tensor);  add_tensor = None
-        return (t_3, view, None, sqrt_default)
+        total_norm_default: "f32[]" = torch.ops.compileclip.total_norm.default([t_3, view], 2.0, None)
+        return (t_3, view, None, total_norm_default)
 """)
 
     def test_norm_inf(self):
@@ -76,12 +71,8 @@ class GraphModule(torch.nn.Module):
         sum_1: "f32[1, 2]" = torch.ops.aten.sum.dim_IntList(tangents_1, [0], True);  tangents_1 = None
         view: "f32[2]" = torch.ops.aten.view.default(sum_1, [2]);  sum_1 = None
         t_3: "f32[2, 3]" = torch.ops.aten.t.default(t_2);  t_2 = None
-        abs_default: "f32[2, 3]" = torch.ops.aten.abs.default(t_3)
-        amax_default: "f32[]" = torch.ops.aten.amax.default(abs_default, []);  abs_default = None
-        abs_default_1: "f32[2]" = torch.ops.aten.abs.default(view)
-        amax_default_1: "f32[]" = torch.ops.aten.amax.default(abs_default_1, []);  abs_default_1 = None
-        maximum_default: "f32[]" = torch.ops.aten.maximum.default(amax_default, amax_default_1);  amax_default = amax_default_1 = None
-        return (t_3, view, None, maximum_default)
+        total_norm_default: "f32[]" = torch.ops.compileclip.total_norm.default([t_3, view], inf, None)
+        return (t_3, view, None, total_norm_default)
 """)
 
     def test_unscale(self):
@@ -98,15 +89,8 @@ class GraphModule(torch.nn.Module):
         convert_element_type_default: "f64[]" = torch.ops.prims.convert_element_type.default(clip_scale, torch.float64);  clip_scale = None
         reciprocal_default: "f64[]" = torch.ops.aten.reciprocal.default(convert_element_type_default);  convert_element_type_default = None
         convert_element_type_default_1: "f32[]" = torch.ops.prims.convert_element_type.default(reciprocal_default, torch.float32);  reciprocal_default = None
-        mul_tensor: "f32[2, 3]" = torch.ops.aten.mul.Tensor(t_3, convert_element_type_default_1)
-        mul_tensor_1: "f32[2, 3]" = torch.ops.aten.mul.Tensor(mul_tensor, mul_tensor);  mul_tensor = None
-        sum_default: "f32[]" = torch.ops.aten.sum.default(mul_tensor_1);  mul_tensor_1 = None
-        mul_tensor_2: "f32[2]" = torch.ops.aten.mul.Tensor(view, convert_element_type_default_1);  convert_element_type_default_1 = None
-        mul_tensor_3: "f32[2]" = torch.ops.aten.mul.Tensor(mul_tensor_2, mul_tensor_2);  mul_tensor_2 = None
-        sum_default_1: "f32[]" = torch.ops.aten.sum.default(mul_tensor_3);  mul_tensor_3 = None
-        add_tensor: "f32[]" = torch.ops.aten.add.Tensor(sum_default, sum_default_1);  sum_default = sum_default_1 = None
-        sqrt_default: "f32[]" = torch.ops.aten.sqrt.default(add_tensor);  add_tensor = None
-        return (t_3, view, None, sqrt_default)
+        total_norm_default: "f32[]" = torch.ops.compileclip.total_norm.default([t_3, view], 2.0, convert_element_type_default_1);  convert_element_type_default_1 = None
+        return (t_3, view, None, total_norm_default)
 """)
 
 
