@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from . import clipmath, hooks
+from . import clipmath, hooks, identity
 from .compiling import compile_graph, inductor_patches
 from .config import ClipConfig
 from .passes import insert_grad_norm
@@ -101,7 +101,10 @@ class _NormRecordingBackward:
         self.compiled = compiled
         self.runtime = runtime
         self.device = device
-        self.grads = grads  # (output position, weak reference to the parameter)
+        # the output position of each gradient, a weak reference to its parameter, their ids
+        self.positions = [pos for pos, _ in grads]
+        self.params = tuple(pref for _, pref in grads)
+        self.ids = frozenset(id(r()) for r in self.params)
         self.cudagraphs = cudagraphs
 
     def __call__(self, args: list[Any]) -> Any:
@@ -112,8 +115,14 @@ class _NormRecordingBackward:
         norm = outs.pop()
         if self.cudagraphs:  # the next replay overwrites it
             norm = norm.clone()
-        pairs = [(pref(), outs[pos]) for pos, pref in self.grads if outs[pos] is not None]
-        rt.record_run(norm, [(p, g) for p, g in pairs if p is not None])
+        grads = [outs[pos] for pos in self.positions]
+        if identity.has_none(grads):  # a parameter that got no gradient this time
+            keep = [g is not None for g in grads]
+            params = tuple(r for r, k in zip(self.params, keep) if k)
+            rt.record_run(norm, params, identity.ids(p for p in identity.deref(params) if p is not None),
+                          [g for g in grads if g is not None])
+        else:
+            rt.record_run(norm, self.params, self.ids, grads)
         return outs
 
 

@@ -35,16 +35,17 @@ class Path(enum.Enum):
 class GraphRun:
     """One run of a compiled backward graph: the norm of the gradients it produced.
 
-    ``grads`` holds, per gradient, a weak reference to the parameter, the tensor the graph
-    returned (now that parameter's ``.grad``) and that tensor's version counter. The norm
-    stands for a parameter's ``.grad`` only while ``.grad`` is still that very tensor, unchanged
-    (see ``ClipRuntime.intact``)."""
+    Per gradient, in the same order: ``params``, a weak reference to the parameter;
+    ``grads``, the tensor the graph returned, which autograd stored as that parameter's
+    ``.grad``; ``versions``, that tensor's version counter when the graph returned it. The
+    norm stands for a parameter's ``.grad`` only while ``.grad`` is that very tensor,
+    unchanged (see ``ClipRuntime.intact``). ``ids``: the parameters' ids."""
 
     norm: torch.Tensor
-    grads: tuple[tuple[weakref.ref, torch.Tensor, int], ...]
-
-    def param_ids(self) -> frozenset[int]:
-        return frozenset(id(p) for p in (r() for r, _, _ in self.grads) if p is not None)
+    params: tuple[weakref.ref, ...]
+    grads: tuple[torch.Tensor, ...]
+    versions: list[int]
+    ids: frozenset[int]
 
 
 @dataclasses.dataclass
@@ -100,13 +101,11 @@ def plan_norm(
     norm). Returns the indices of the used runs and the ids left to norm at the step.
     """
     candidates = [i for i, (ids, ok) in enumerate(runs) if ok and ids and ids <= step_ids]
-    owners: dict[int, int] = {}
     clash: set[int] = set()
-    for i in candidates:
-        for pid in runs[i][0]:
-            if pid in owners:
-                clash.update((i, owners[pid]))
-            owners[pid] = i
+    for k, i in enumerate(candidates):  # pairwise: few graphs, each with many parameters
+        for j in candidates[k + 1:]:
+            if not runs[i][0].isdisjoint(runs[j][0]):
+                clash.update((i, j))
     used = [i for i in candidates if i not in clash]
     covered = frozenset().union(*(runs[i][0] for i in used)) if used else frozenset()
     return used, step_ids - covered

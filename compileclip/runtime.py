@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import clipmath, hooks
+from . import clipmath, hooks, identity
 from .config import ClipConfig
 from .records import GraphRun, Path, StepRecord, choose_path, plan_norm
 
@@ -42,10 +42,6 @@ def _invisible_writers() -> str | None:
     return None
 
 
-def _step_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
-    return [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
-
-
 class ClipRuntime:
     def __init__(self, config: ClipConfig, scaler=None) -> None:
         self.config = config
@@ -63,7 +59,7 @@ class ClipRuntime:
         self.fused_optimizers: weakref.WeakSet = weakref.WeakSet()  # compile_step refused to trace
         self.graphs = 0  # graphs this clip compiled (model and step)
         self.runs: list[GraphRun] = []  # confirmed backward norms, not yet used by a step
-        self._pending: list = []  # (norm, [(param, storage, data_ptr, version)]) of this backward
+        self._pending: list = []  # runs of this backward, confirmed when it ends
         self._task = None
         self.open_step: StepRecord | None = None
         self.retry_clipped = False  # abort_step: the eager rerun of this step is clipped already
@@ -156,17 +152,19 @@ class ClipRuntime:
         self.skipped_steps.add_(nonfinite > 0)
 
     # -- backward: records of the norms the graphs computed ---------------------------------
-    def record_run(self, norm: torch.Tensor, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """A backward graph returned ``norm`` for the gradients ``pairs`` (param, grad). Holding
-        the gradients now would make autograd copy them instead of storing them in ``.grad``,
-        so the run is confirmed when the backward ends, by storage and version."""
+    def record_run(self, norm: torch.Tensor, params: tuple[weakref.ref, ...], ids: frozenset[int],
+                   grads: Sequence[torch.Tensor]) -> None:
+        """A backward graph returned ``norm`` for ``grads``, the gradients of the parameters
+        ``params`` (weak references; ``ids``: their ids). Holding the gradients now would make
+        autograd copy them instead of storing them in ``.grad``, so the run is confirmed when
+        the backward ends, by address."""
         self.stats["backward_graph_runs"] += 1
         if not self.config.fuse:
             return
-        # the storage, not the tensor: autograd still moves the tensor into .grad (it checks
-        # the tensor's references), and while the storage lives no other tensor gets its
+        # the storages, not the tensors: autograd still moves each tensor into .grad (it
+        # checks the tensor's references), and while a storage lives no other tensor gets its
         # address, so a matching data_ptr at the end of the backward proves identity
-        entry = (norm, [(p, g.untyped_storage(), g.data_ptr(), g._version) for p, g in pairs])
+        entry = (norm, params, ids, identity.storages(grads), identity.data_ptrs(grads), identity.versions(grads))
         task = torch._C._current_graph_task_id()
         if task != self._task or not self._pending:
             self._task = task
@@ -175,40 +173,43 @@ class ClipRuntime:
 
     def _end_of_backward(self) -> None:
         pending, self._pending, self._task = self._pending, [], None
-        for norm, grads in pending:
-            held = []
-            for p, _storage, ptr, version in grads:
-                g = p.grad
-                if g is None or g.data_ptr() != ptr or g._version != version:
-                    break  # summed with another contribution, or not stored in .grad
-                held.append((weakref.ref(p), g, version))
-            else:
-                # from here on the record holds .grad itself: identity, not an address
-                self.runs.append(GraphRun(norm, tuple(held)))
+        for norm, refs, ids, _storages, ptrs, versions in pending:
+            params = identity.deref(refs)
+            if identity.has_none(params):
+                continue
+            now = identity.grads(params)
+            # summed with another contribution, or not stored in .grad: not this run's norm.
+            # (A change in place since the graph returned shows in the version counter, which
+            # the step compares with the one recorded then.)
+            if identity.has_none(now) or identity.data_ptrs(now) != ptrs:
+                continue
+            # from here on the record holds .grad itself: identity, not an address
+            self.runs.append(GraphRun(norm, refs, tuple(now), versions, ids))
         del self.runs[:-_MAX_RUNS]
 
     @staticmethod
     def intact(run: GraphRun) -> bool:
-        for pref, g, version in run.grads:
-            p = pref()
-            if p is None or p.grad is not g or g._version != version:
-                return False
-        return True
+        """Every gradient of ``run`` is still its parameter's ``.grad``, unchanged. Batched
+        checks (``identity``), no Python loop per gradient."""
+        params = identity.deref(run.params)
+        if identity.has_none(params):
+            return False
+        return identity.all_identical(identity.grads(params), run.grads) and identity.versions(run.grads) == run.versions
 
     def plan(self, params: Sequence[torch.Tensor]) -> tuple[list[GraphRun], list[torch.Tensor]]:
         """The backward norms this step can use, and the parameters it must norm itself.
         Consumes every record that touches these parameters."""
         if not self.runs:  # no backward graph ran since (or fuse=False: none are recorded)
             return [], list(params)
-        ids = frozenset(id(p) for p in params)
-        facts = [(r.param_ids(), self.intact(r)) for r in self.runs]
+        ids = identity.ids(params)
+        facts = [(r.ids, self.intact(r)) for r in self.runs]
         distrust = _invisible_writers()
         used, left = plan_norm(facts, ids) if distrust is None else ([], ids)
         if distrust is not None:
             self.stats[f"norm_not_trusted_{distrust}"] += 1
         runs = [self.runs[i] for i in used]
-        self.runs = [r for r, (rids, _) in zip(self.runs, facts) if not (rids & ids)]
-        return runs, [p for p in params if id(p) in left]
+        self.runs = [r for r, (rids, _) in zip(self.runs, facts) if rids.isdisjoint(ids)]
+        return runs, ([p for p in params if id(p) in left] if left else [])
 
     # -- the step ---------------------------------------------------------------------------
     def begin_step(self, opt, args: tuple, kwargs: dict, compiled_frame: bool):
@@ -230,7 +231,7 @@ class ClipRuntime:
             self.clip_step(opt)
             rec.done = True
         elif path is Path.IN_GRAPH:
-            params = _step_params(opt)
+            params = identity.step_params(opt)
             runs, left = self.plan(params)
             if runs and not left:
                 rec.handed_norm = clipmath.combine([r.norm for r in runs], self.config.norm_type)
@@ -299,7 +300,7 @@ class ClipRuntime:
 
     def clip_step(self, opt) -> None:
         """The eager clip of one optimizer step, over its parameters with a gradient."""
-        params = _step_params(opt)
+        params = identity.step_params(opt)
         if not params:
             return
         if any(p.grad.is_sparse for p in params):

@@ -1,0 +1,67 @@
+"""Identity and version checks over many gradients, batched.
+
+The records of the backward graphs (``records.GraphRun``) are checked at every step: is every
+``.grad`` still the tensor the graph returned, with an unchanged version counter? The checks
+here are comprehensions and ``map`` calls over C functions, a handful per gradient and step;
+what they cost is mostly torch's own attribute access (``.grad``, ``._version``: about 0.1 us
+each on the development CPU). ``bench/record_overhead.py`` measures them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+import weakref
+from collections.abc import Iterable, Sequence
+
+import torch
+
+_grad_of = operator.attrgetter("grad")
+_storage_of = torch.Tensor.untyped_storage
+_data_ptr_of = torch.Tensor.data_ptr
+_version_of = operator.attrgetter("_version")
+
+
+def has_none(xs: Sequence) -> bool:
+    return any(map(operator.is_, xs, itertools.repeat(None)))
+
+
+def deref(refs: Sequence[weakref.ref]) -> list:
+    return [r() for r in refs]
+
+
+def weak(objs: Sequence) -> tuple[weakref.ref, ...]:
+    return tuple(map(weakref.ref, objs))
+
+
+def ids(objs: Iterable) -> frozenset[int]:
+    return frozenset(map(id, objs))
+
+
+def grads(params: Sequence[torch.Tensor]) -> list:
+    return list(map(_grad_of, params))
+
+
+def storages(tensors: Sequence[torch.Tensor]) -> list:
+    return list(map(_storage_of, tensors))
+
+
+def data_ptrs(tensors: Sequence[torch.Tensor]) -> list[int]:
+    return list(map(_data_ptr_of, tensors))
+
+
+def versions(tensors: Sequence[torch.Tensor]) -> list[int]:
+    return list(map(_version_of, tensors))
+
+
+def all_identical(xs: Sequence, ys: Sequence) -> bool:
+    return len(xs) == len(ys) and all(map(operator.is_, xs, ys))
+
+
+def step_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters of ``opt`` that have a ``.grad``, in order."""
+    params = list(itertools.chain.from_iterable(g["params"] for g in opt.param_groups))
+    gs = grads(params)
+    if not has_none(gs):
+        return params
+    return list(itertools.compress(params, map(operator.is_not, gs, itertools.repeat(None))))
