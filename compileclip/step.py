@@ -11,7 +11,8 @@ parameters of the optimizer (eager: ``clip_grad_norm_(all params of the optimize
 
 One object for model and step: the backward graphs compute the norm, and where their records
 prove it is the norm of exactly the final ``.grad`` (``records.plan_norm``), a second variant
-of the step graph takes it as an input and reads each gradient once, in the update.
+of the step graph takes it as an input and reads each gradient once, in the update. Each
+variant is compiled when a step first needs it.
 
 Torch's step pre-hook (``compileclip.hooks``) decides per step whether the step graph clips
 (``Path.IN_GRAPH``) or the hook already did (then the graph runs with ``enabled=False``).
