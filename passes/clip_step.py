@@ -130,6 +130,43 @@ class _Builder:
         return self("call_method", name, *args, **kwargs)
 
 
+def _is_dtensor(v) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a build without distributed
+        return False
+    return isinstance(v, DTensor)
+
+
+def _norm_per_gradient(b: _Builder, grads: list[fx.Node], unscaled: list[fx.Node], p: float, device) -> fx.Node:
+    """The total norm as one reduction per gradient, combined: for DTensor gradients (FSDP2),
+    whose sharding DTensor propagates through these ops (it has no strategy for the norm
+    operator). Costs a reduction per gradient, where the operator costs one call."""
+    partials = []
+    for g, u in zip(grads, unscaled):
+        val = u.meta.get("example_value")
+        if val is None or val.dtype != torch.float32:
+            u = b.method("to", u, torch.float32)
+        if math.isinf(p):
+            part = b.fn(torch.amax, b.fn(torch.abs, u))
+        elif p == 2.0:
+            part = b.fn(torch.sum, b.fn(torch.mul, u, u))
+        else:
+            a = b.fn(torch.abs, u)
+            part = b.fn(torch.sum, a if p == 1.0 else b.fn(torch.pow, a, p))
+        gval = g.meta.get("example_value")
+        if gval is not None and gval.device != device:  # gradients on several devices
+            part = b.method("to", part, device)
+        partials.append(part)
+    combine = torch.maximum if math.isinf(p) else torch.add
+    total = partials[0]
+    for part in partials[1:]:
+        total = b.fn(combine, total, part)
+    if not math.isinf(p):
+        total = b.fn(torch.sqrt, total) if p == 2.0 else b.fn(torch.pow, total, 1.0 / p) if p != 1.0 else total
+    return total
+
+
 def _on(b: _Builder, x: fx.Node, g: fx.Node, device) -> fx.Node:
     """``x`` (a 0-d tensor on ``device``) moved to ``g``'s device where that differs."""
     gval = g.meta.get("example_value")
@@ -211,7 +248,10 @@ def insert_step_clip(
     elif clip_norm or compute_norm:
         # one extern call for all the gradients (norm_op): a constant number of kernels, and
         # eager's arithmetic; unscaling (``inv``) happens inside, as GradScaler.unscale_ does
-        total = b.fn(norm_op.TOTAL_NORM, list(grads), p, inv)
+        if any(_is_dtensor(v) for v in vals):
+            total = _norm_per_gradient(b, grads, clipped, p, device)
+        else:
+            total = b.fn(norm_op.TOTAL_NORM, list(grads), p, inv)
     if total is not None:
         # 1.0 where the norm is nan or inf (|x| < inf is false for both)
         finite = b.fn(torch.lt, b.fn(torch.abs, total), math.inf)
