@@ -246,12 +246,22 @@ def insert_step_clip(
     if given_norm:
         total = added["clip_total_norm"]
     elif clip_norm or compute_norm:
-        # one extern call for all the gradients (norm_op): a constant number of kernels, and
+        # one extern call per (device, dtype) group (norm_op): a constant number of kernels, and
         # eager's arithmetic; unscaling (``inv``) happens inside, as GradScaler.unscale_ does
         if any(_is_dtensor(v) for v in vals):
             total = _norm_per_gradient(b, grads, clipped, p, device)
         else:
-            total = b.fn(norm_op.TOTAL_NORM, list(grads), p, inv)
+            totals = []
+            for pos in norm_op.group_positions(vals):
+                t = b.fn(norm_op.TOTAL_NORM, [grads[i] for i in pos], p, inv)
+                totals.append(b.method("to", t, device) if vals[pos[0]].device != device else t)
+            total = norm_op.combine_nodes(
+                totals, p,
+                power=lambda x, e: b.fn(torch.pow, x, e),
+                add=lambda x, y: b.fn(torch.add, x, y),
+                maximum=lambda x, y: b.fn(torch.maximum, x, y),
+                root=lambda x, e: b.fn(torch.pow, x, 1.0 / e),
+            )
     if total is not None:
         # 1.0 where the norm is nan or inf (|x| < inf is false for both)
         finite = b.fn(torch.lt, b.fn(torch.abs, total), math.inf)

@@ -89,8 +89,21 @@ def insert_grad_norm(gm: fx.GraphModule, grad_indices: Sequence[int], norm_type:
         scale64 = b(prims.convert_element_type.default, scale, torch.float64)
         inv = b(prims.convert_element_type.default, b(aten.reciprocal.default, scale64), torch.float32)
     if grads:
-        # one extern call for all the gradients (see norm_op): constant kernel count
-        total = b(norm_op.TOTAL_NORM, grads, float(norm_type), inv)
+        # one extern call per (device, dtype) group of gradients (see norm_op)
+        p = float(norm_type)
+        totals = []
+        for pos in norm_op.group_positions([g.meta["val"] for g in grads]):
+            t = b(norm_op.TOTAL_NORM, [grads[i] for i in pos], p, inv)
+            if grads[pos[0]].meta["val"].device != device:
+                t = b(aten._to_copy.default, t, device=device)
+            totals.append(t)
+        total = norm_op.combine_nodes(
+            totals, p,
+            power=lambda x, e: b(aten.pow.Tensor_Scalar, x, e),
+            add=lambda x, y: b(aten.add.Tensor, x, y),
+            maximum=lambda x, y: b(aten.maximum.default, x, y),
+            root=lambda x, e: b(aten.pow.Tensor_Scalar, x, 1.0 / e),
+        )
     else:
         total = b(aten.full.default, [], 0.0, dtype=torch.float32, device=device, pin_memory=False)
     b.output.args = (tuple(outputs) + (total,),)
