@@ -2,6 +2,7 @@
 
 from .backend import ClipBackend, clip_backend
 from .config import ClipConfig
+from .policies import AGC, Percentile, ZScore
 
-__all__ = ["ClipBackend", "ClipConfig", "clip_backend"]
+__all__ = ["AGC", "ClipBackend", "ClipConfig", "Percentile", "ZScore", "clip_backend"]
 __version__ = "0.1.0"

@@ -74,9 +74,12 @@ def _norm_in_backward(rt: ClipRuntime, norm_type: float, param_idx, gm: fx.Graph
     positions = _grad_outputs(gm, param_idx)
     if not positions:
         return example_inputs, lambda compiled: compiled
+    per_param = rt.monitor.per_param
     insertion = insert_grad_norm(
-        gm, [pos for pos, _ in positions], norm_type, unscale=rt.scaler is not None,
+        gm, [pos for pos, _ in positions], norm_type, unscale=rt.scaler is not None, parts=per_param,
     )
+    if per_param:  # the parts come in the operator's order (by device and dtype)
+        positions = [positions[i] for i in insertion.order]
     from torch._guards import detect_fake_mode
 
     fake_mode = detect_fake_mode(example_inputs)
@@ -87,7 +90,7 @@ def _norm_in_backward(rt: ClipRuntime, norm_type: float, param_idx, gm: fx.Graph
     cudagraphs = bool(patches.get("triton.cudagraphs", False))
 
     def wrap(compiled):
-        return _NormRecordingBackward(compiled, rt, device, grads, cudagraphs)
+        return _NormRecordingBackward(compiled, rt, device, grads, cudagraphs, per_param)
 
     return [*example_inputs, *extra], wrap
 
@@ -96,7 +99,8 @@ class _NormRecordingBackward:
     """Calls the compiled backward (with the GradScaler's scale, where one is attached), strips
     the norm it returns, and records it with the gradients it covers (``ClipRuntime.record_run``)."""
 
-    def __init__(self, compiled, runtime: ClipRuntime, device, grads: list[tuple[int, Any]], cudagraphs: bool) -> None:
+    def __init__(self, compiled, runtime: ClipRuntime, device, grads: list[tuple[int, Any]], cudagraphs: bool,
+                 parts: bool = False) -> None:
         self._boxed_call = True  # an instance attribute: AOTAutograd copies __dict__
         self.compiled = compiled
         self.runtime = runtime
@@ -106,23 +110,28 @@ class _NormRecordingBackward:
         self.params = tuple(pref for _, pref in grads)
         self.ids = frozenset(id(r()) for r in self.params)
         self.cudagraphs = cudagraphs
+        self.parts = parts  # the graph also returns each gradient's norm (per_param_norms)
 
     def __call__(self, args: list[Any]) -> Any:
         rt = self.runtime
         full = [*args, rt.scale_on(self.device)] if rt.scaler is not None else list(args)
         args.clear()  # boxed convention: the callee owns the inputs
         outs = list(self.compiled(full))
+        parts = outs.pop() if self.parts else None
         norm = outs.pop()
-        if self.cudagraphs:  # the next replay overwrites it
+        if self.cudagraphs:  # the next replay overwrites them
             norm = norm.clone()
+            parts = parts.clone() if parts is not None else None
         grads = [outs[pos] for pos in self.positions]
         if identity.has_none(grads):  # a parameter that got no gradient this time
             keep = [g is not None for g in grads]
             params = tuple(r for r, k in zip(self.params, keep) if k)
+            if parts is not None:
+                parts = parts[torch.tensor([i for i, k in enumerate(keep) if k], device=parts.device)]
             rt.record_run(norm, params, identity.ids(p for p in identity.deref(params) if p is not None),
-                          [g for g in grads if g is not None])
+                          [g for g in grads if g is not None], parts)
         else:
-            rt.record_run(norm, self.params, self.ids, grads)
+            rt.record_run(norm, self.params, self.ids, grads, parts)
         return outs
 
 
@@ -160,8 +169,61 @@ class ClipBackend:
         return self._runtime.total_norm
 
     @property
-    def max_norm(self) -> float | torch.Tensor | None:
+    def max_norm(self):
+        """What was given as ``max_norm``: a number, a 0-d tensor, a policy, or None."""
         return self.config.max_norm
+
+    # -- monitoring (compileclip.monitor): device tensors, no host sync --------------------
+    @property
+    def history(self) -> torch.Tensor:
+        """The pre-clip total norms of the last ``history`` clipped steps, oldest first (1-D
+        float32 on the device; needs ``history=N``)."""
+        return self._runtime.monitor.history
+
+    @property
+    def thresholds(self) -> torch.Tensor:
+        """The threshold each step of ``history`` clipped at, aligned with it: ``max_norm``, an
+        adaptive policy's, ``inf`` for a step a policy left alone, ``nan`` for AGC."""
+        return self._runtime.monitor.thresholds
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        """The threshold of the last clipped step (0-d float32 on the device)."""
+        thr = self._runtime.monitor.threshold
+        if thr is None:
+            raise RuntimeError("compileclip: no optimizer step has been clipped yet; read threshold after opt.step()")
+        return thr
+
+    def suggest_max_norm(self, q: float = 0.95) -> float:
+        """The ``q``-quantile of the finite norms in ``history``: a fixed ``max_norm`` for the
+        next run, by the usual recipe (log the norm of a stable run, clip near its 95th
+        percentile). The one call that reads the history on the host."""
+        return self._runtime.monitor.suggest_max_norm(q)
+
+    @property
+    def param_norms(self) -> torch.Tensor:
+        """The pre-clip norm of each gradient of the last step (1-D float32, device; needs
+        ``per_param_norms=True``). ``named_norms`` says whose."""
+        mon = self._runtime.monitor
+        mon.check_param_norms()
+        return mon.param_norms
+
+    def named_norms(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """``{name: pre-clip norm of that parameter's gradient}`` for the parameters of
+        ``model`` the last step clipped (0-d device tensors: views of ``param_norms``)."""
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        return self._runtime.monitor.named_norms(model)
+
+    def plot(self, path, *, title: str | None = None) -> None:
+        """Write a PNG of ``history``: the norm per step, the threshold per step, the clipped
+        steps marked, and ``suggest_max_norm(0.95)``. Needs matplotlib
+        (``pip install compileclip[plot]``)."""
+        from .plot import plot_history
+
+        mon = self._runtime.monitor
+        plot_history(path, mon.history, mon.thresholds, first_step=max(mon.steps - len(mon.history), 0) + 1,
+                     title=title or _describe(self.config.max_norm))
 
     @property
     def skipped_steps(self) -> torch.Tensor:
@@ -249,6 +311,8 @@ def clip_backend(
     inner: str = "inductor",
     fuse: bool = True,
     step_writes_grad: bool = True,
+    history: int | None = None,
+    per_param_norms: bool = False,
 ) -> ClipBackend:
     """A ``torch.compile`` backend that clips gradients like ``clip_grad_norm_`` (and/or
     ``clip_grad_value_`` with ``clip_value``) right before every optimizer step::
@@ -264,12 +328,25 @@ def clip_backend(
     ``clip_grad_norm_(opt_params, ...)`` right before ``opt.step()``. The backward graphs
     compute the norm where the gradients are produced; the step uses it where it provably is
     the norm of the final ``.grad``. ``scaler``: the ``torch.amp.GradScaler`` whose scaled
-    gradients a compiled step unscales (see the README). Arguments are validated here, before
-    anything compiles (see ``ClipConfig``).
+    gradients a compiled step unscales (see the README). ``max_norm`` may be an adaptive
+    policy: ``Percentile`` (AutoClip), ``ZScore`` (ZClip) or ``AGC`` (NFNets).
+    ``history=N`` keeps the last N norms and thresholds on the device (``history``,
+    ``suggest_max_norm``, ``plot``); ``per_param_norms=True`` keeps each gradient's norm of
+    the last step (``named_norms``). Arguments are validated here, before anything compiles
+    (see ``ClipConfig``).
     """
     return ClipBackend(
         ClipConfig(max_norm=max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite,
                    clip_value=clip_value, skip_nonfinite=skip_nonfinite,
-                   inner=inner, fuse=fuse, step_writes_grad=step_writes_grad),
+                   inner=inner, fuse=fuse, step_writes_grad=step_writes_grad,
+                   history=history, per_param_norms=per_param_norms),
         scaler=scaler,
     )
+
+
+def _describe(max_norm) -> str:
+    if max_norm is None:
+        return "no norm clip"
+    if isinstance(max_norm, torch.Tensor):
+        return "max_norm (a tensor)"
+    return f"max_norm={max_norm!r}"

@@ -67,12 +67,43 @@ def clamp_values_(grads: Sequence[torch.Tensor], clip_value: float, keep_nonfini
         g.copy_(torch.where(g.abs() < math.inf, g.clamp(-clip_value, clip_value), g))
 
 
-def dtensor_clip_(params: Sequence[torch.Tensor], max_norm, norm_type: float, error_if_nonfinite: bool) -> torch.Tensor:
+def dtensor_clip_(params: Sequence[torch.Tensor], threshold_for, norm_type: float, error_if_nonfinite: bool,
+                  clip_norm: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager ``clip_grad_norm_`` over DTensor gradients, with torch's own two halves (the norm is
-    a DTensor whose reduction across ranks DTensor performs). Returns the total norm as a plain
-    tensor, the same on every rank."""
+    a DTensor whose reduction across ranks DTensor performs). ``threshold_for(total)`` gives
+    the step's threshold from the plain total norm. Returns (the total norm as a plain tensor,
+    the same on every rank; the threshold)."""
     grads = [p.grad for p in params]
     total = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite, None)
-    if max_norm is not None:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, None)
-    return total.full_tensor() if is_dtensor(total) else total
+    plain = total.full_tensor() if is_dtensor(total) else total
+    thr = threshold_for(plain)
+    if clip_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, thr, plain, None)
+    return plain, thr
+
+
+def dtensor_param_norms(grads: Sequence[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """The norm of each DTensor gradient (1-D float32, plain, the same on every rank)."""
+    norms = [torch.linalg.vector_norm(g, norm_type, dtype=torch.float32) for g in grads]
+    return torch.stack([n.full_tensor() if is_dtensor(n) else n for n in norms])
+
+
+def unitwise_norm(x: torch.Tensor) -> torch.Tensor:
+    """AGC's unit norm (float32): per slice along dim 0 for ``ndim >= 2``, else the whole tensor."""
+    if x.ndim <= 1:
+        return torch.linalg.vector_norm(x, dtype=torch.float32)
+    return torch.linalg.vector_norm(x, dim=tuple(range(1, x.ndim)), keepdim=True, dtype=torch.float32)
+
+
+def agc_factor(w: torch.Tensor, g: torch.Tensor, clipping: float, eps: float) -> torch.Tensor:
+    """AGC's factor for ``g`` (in ``g``'s dtype, broadcastable to it): 1 where the unit's
+    gradient norm is below ``clipping * max(||w||, eps)``, that bound over the norm elsewhere."""
+    bound = torch.clamp(unitwise_norm(w), min=eps) * clipping
+    gnorm = unitwise_norm(g)
+    return torch.where(gnorm < bound, 1.0, bound / torch.clamp(gnorm, min=EPS)).to(g.dtype)
+
+
+def agc_(params: Sequence[torch.Tensor], clipping: float, eps: float) -> None:
+    """Unit-wise adaptive gradient clipping (NFNets) of ``params``' gradients, in place."""
+    for p in params:
+        p.grad.mul_(agc_factor(p.detach(), p.grad, clipping, eps))

@@ -8,6 +8,8 @@ import numbers
 
 import torch
 
+from .policies import POLICIES
+
 _INNER = ("inductor", "aot_eager")
 
 
@@ -33,9 +35,14 @@ def _normalize_norm_type(norm_type: object) -> float:
     return p
 
 
-def _check_max_norm(max_norm: object) -> float | torch.Tensor | None:
-    if max_norm is None:
-        return None
+def _check_max_norm(max_norm: object):
+    if max_norm is None or isinstance(max_norm, POLICIES):
+        return max_norm
+    if isinstance(max_norm, type) and issubclass(max_norm, POLICIES):
+        raise TypeError(
+            f"max_norm={max_norm.__name__} is the policy's class: pass an instance, "
+            f"e.g. max_norm={max_norm.__name__}()"
+        )
     if isinstance(max_norm, torch.Tensor):
         if max_norm.dim() != 0 or not max_norm.is_floating_point():
             raise TypeError(
@@ -45,7 +52,8 @@ def _check_max_norm(max_norm: object) -> float | torch.Tensor | None:
         value = float(max_norm)  # one host sync, at construction only
     elif isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real):
         raise TypeError(
-            "max_norm must be a float >= 0 or a 0-d floating point tensor, got "
+            "max_norm must be a float >= 0, a 0-d floating point tensor or a policy "
+            "(compileclip.Percentile, ZScore, AGC), got "
             f"{type(max_norm).__name__} {max_norm!r}"
         )
     else:
@@ -95,6 +103,12 @@ class ClipConfig:
     ``skip_nonfinite``: leave the parameters and the optimizer state untouched for a step
     whose total norm is nan/inf, and count such steps in ``skipped_steps``: decided on the
     device in a compiled step, with one host sync in an eager one.
+    ``history``: keep the pre-clip total norm and the threshold of the last ``history`` steps
+    in ring buffers on the device (``ClipBackend.history``, ``suggest_max_norm``, ``plot``).
+    ``per_param_norms``: keep the pre-clip norm of each gradient of the last step, from the
+    norm computation the clip does anyway (``ClipBackend.named_norms``).
+    ``max_norm`` may also be an adaptive policy (``compileclip.policies``): ``Percentile``
+    (AutoClip), ``ZScore`` (ZClip) or ``AGC`` (unit-wise, NFNets).
     ``step_writes_grad``: where the clip runs inside a compiled optimizer step
     (``torch.compile(opt.step, backend=clip)``), also store the clipped gradient into
     ``.grad``, as eager ``clip_grad_norm_`` leaves it. ``False`` skips that write (the update
@@ -109,8 +123,15 @@ class ClipConfig:
     inner: str = "inductor"
     fuse: bool = True
     step_writes_grad: bool = True
+    history: int | None = None
+    per_param_norms: bool = False
 
     def __post_init__(self) -> None:
+        if self.history is not None and (
+            isinstance(self.history, bool) or not isinstance(self.history, numbers.Integral) or self.history < 1
+        ):
+            raise ValueError(f"history={self.history!r} is not allowed: give an int >= 1 (steps kept) or None")
+        _check_bool("per_param_norms", self.per_param_norms)
         object.__setattr__(self, "max_norm", _check_max_norm(self.max_norm))
         object.__setattr__(self, "norm_type", _normalize_norm_type(self.norm_type))
         object.__setattr__(self, "clip_value", _check_clip_value(self.clip_value))

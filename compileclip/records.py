@@ -46,6 +46,7 @@ class GraphRun:
     grads: tuple[torch.Tensor, ...]
     versions: list[int]
     ids: frozenset[int]
+    parts: torch.Tensor | None = None  # per_param_norms: each gradient's norm, in ``params``' order
 
 
 @dataclasses.dataclass

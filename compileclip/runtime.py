@@ -20,6 +20,8 @@ import torch
 
 from . import clipmath, hooks, identity
 from .config import ClipConfig
+from .monitor import Monitor
+from .policies import POLICIES
 from .records import GraphRun, Path, StepRecord, choose_path, plan_norm
 
 _MAX_RUNS = 256  # records kept between steps (a loop that never steps must not grow them)
@@ -66,6 +68,7 @@ class ClipRuntime:
         self.hidden_grads: list = []  # (param, grad) of an eager step skipped as nonfinite
         self.stepped_scaler_state = None  # a GradScaler state this step unscaled: STEPPED after it
         self.total_norm: torch.Tensor | None = None
+        self.monitor = Monitor(config)
         self.skipped_steps: torch.Tensor | None = None
         self.stats: Counter = Counter()
         # optimizer state that a skipped first compiled step created (step.py), removed at the
@@ -125,7 +128,7 @@ class ClipRuntime:
 
     def max_norm_on(self, device: torch.device) -> torch.Tensor:
         mn = self.config.max_norm
-        if mn is None:
+        if mn is None or isinstance(mn, POLICIES):
             return self.const("inf", math.inf, torch.float32, device)  # not read
         if isinstance(mn, torch.Tensor):  # may change in place between steps
             return mn if mn.device == device and mn.dtype == torch.float32 else mn.to(device, torch.float32)
@@ -153,7 +156,7 @@ class ClipRuntime:
 
     # -- backward: records of the norms the graphs computed ---------------------------------
     def record_run(self, norm: torch.Tensor, params: tuple[weakref.ref, ...], ids: frozenset[int],
-                   grads: Sequence[torch.Tensor]) -> None:
+                   grads: Sequence[torch.Tensor], parts: torch.Tensor | None = None) -> None:
         """A backward graph returned ``norm`` for ``grads``, the gradients of the parameters
         ``params`` (weak references; ``ids``: their ids). Holding the gradients now would make
         autograd copy them instead of storing them in ``.grad``, so the run is confirmed when
@@ -164,7 +167,7 @@ class ClipRuntime:
         # the storages, not the tensors: autograd still moves each tensor into .grad (it
         # checks the tensor's references), and while a storage lives no other tensor gets its
         # address, so a matching data_ptr at the end of the backward proves identity
-        entry = (norm, params, ids, identity.storages(grads), identity.data_ptrs(grads), identity.versions(grads))
+        entry = (norm, params, ids, identity.storages(grads), identity.data_ptrs(grads), identity.versions(grads), parts)
         task = torch._C._current_graph_task_id()
         if task != self._task or not self._pending:
             self._task = task
@@ -173,7 +176,7 @@ class ClipRuntime:
 
     def _end_of_backward(self) -> None:
         pending, self._pending, self._task = self._pending, [], None
-        for norm, refs, ids, _storages, ptrs, versions in pending:
+        for norm, refs, ids, _storages, ptrs, versions, parts in pending:
             params = identity.deref(refs)
             if identity.has_none(params):
                 continue
@@ -184,7 +187,7 @@ class ClipRuntime:
             if identity.has_none(now) or identity.data_ptrs(now) != ptrs:
                 continue
             # from here on the record holds .grad itself: identity, not an address
-            self.runs.append(GraphRun(norm, refs, tuple(now), versions, ids))
+            self.runs.append(GraphRun(norm, refs, tuple(now), versions, ids, parts))
         del self.runs[:-_MAX_RUNS]
 
     @staticmethod
@@ -235,6 +238,8 @@ class ClipRuntime:
             runs, left = self.plan(params)
             if runs and not left:
                 rec.handed_norm = clipmath.combine([r.norm for r in runs], self.config.norm_type)
+                if self.monitor.per_param:  # the step graph's variant for it takes no parts
+                    self._param_norms(runs, [], [])
         else:
             @torch._dynamo.disable  # a compiled step traces its closure: the clip stays eager
             def clip_now():
@@ -324,14 +329,49 @@ class ClipRuntime:
                 self.stepped_scaler_state = state
         self.clip_(params, skip=overflow)
 
+    def threshold_for(self, total: torch.Tensor) -> torch.Tensor:
+        """This step's threshold (0-d float32 on ``total``'s device): the policy's, a fixed
+        ``max_norm``, nan for AGC (no global threshold), inf for no norm clip."""
+        mon = self.monitor
+        if mon.policy is not None:
+            return mon.policy_threshold(total)
+        if mon.agc is not None:
+            return self.const("nan", math.nan, torch.float32, total.device)
+        return self.max_norm_on(total.device)
+
+    def finish(self, total: torch.Tensor, thr: torch.Tensor) -> None:
+        """The clip of one step is done (every path ends here): its norm, for the user and
+        the monitor."""
+        self.total_norm = total
+        self.monitor.record(total, thr)
+
+    def _param_norms(self, runs: Sequence[GraphRun], left: Sequence[torch.Tensor], left_norms) -> None:
+        """``per_param_norms``: the backward graphs' per-gradient norms and the step's own."""
+        pieces = [r.parts for r in runs]
+        refs = [ref for r in runs for ref in r.params]
+        if left:
+            pieces.append(torch.stack(list(left_norms)).to(pieces[0].device if pieces else left_norms[0].device))
+            refs.extend(weakref.ref(p) for p in left)
+        self.monitor.record_param_norms(pieces[0] if len(pieces) == 1 else torch.cat(pieces), refs)
+
     def clip_(self, params: Sequence[torch.Tensor], skip: bool = False) -> None:
         """Eager ``clip_grad_norm_`` then ``clip_grad_value_`` over ``params``' gradients; the
-        optimizer then skips them when ``skip`` (or ``skip_nonfinite`` and the norm is nan/inf)."""
+        optimizer then skips them when ``skip`` (or ``skip_nonfinite`` and the norm is nan/inf).
+        The threshold is ``max_norm``'s or the adaptive policy's; ``AGC`` clips unit-wise."""
         cfg = self.config
+        mon = self.monitor
         grads = [p.grad for p in params]
         if any(clipmath.is_dtensor(g) for g in grads):
             if cfg.computes_norm:
-                self.total_norm = clipmath.dtensor_clip_(params, cfg.max_norm, cfg.norm_type, cfg.error_if_nonfinite)
+                total, thr = clipmath.dtensor_clip_(
+                    params, self.threshold_for, cfg.norm_type, cfg.error_if_nonfinite,
+                    clip_norm=cfg.max_norm is not None and mon.agc is None)
+                if mon.agc is not None:
+                    clipmath.agc_(params, mon.agc.clipping, mon.agc.eps)
+                if mon.per_param:
+                    mon.record_param_norms(clipmath.dtensor_param_norms(grads, cfg.norm_type),
+                                           [weakref.ref(p) for p in params])
+                self.finish(total, thr)
                 self.stats["norm_at_step"] += 1
             if cfg.clip_value is not None:
                 torch.nn.utils.clip_grad_value_(params, cfg.clip_value)
@@ -340,18 +380,23 @@ class ClipRuntime:
             runs, left = self.plan(params)
             device = grads[0].device
             norms = [r.norm for r in runs]
-            if left:
-                norms += clipmath.per_tensor_norms([p.grad for p in left], cfg.norm_type, device)
-            total = clipmath.combine(norms, cfg.norm_type)
+            left_norms = clipmath.per_tensor_norms([p.grad for p in left], cfg.norm_type, device) if left else []
+            total = clipmath.combine(norms + left_norms, cfg.norm_type)
+            if mon.per_param:
+                self._param_norms(runs, left, left_norms)
             self.stats["norm_from_backward" if not left else "norm_at_step"] += 1
-            self.total_norm = total
             if cfg.error_if_nonfinite and not bool(torch.isfinite(total)):
+                self.total_norm = total
                 raise clipmath.nonfinite_error(cfg.norm_type)
             skip = skip or (cfg.skip_nonfinite and not bool(torch.isfinite(total)))
             if skip:
                 self.count_skipped(torch.ones((), device=device))
-            if cfg.max_norm is not None:
-                clipmath.scale_(grads, clipmath.coefficient(self.max_norm_on(total.device), total))
+            thr = self.threshold_for(total)
+            if mon.agc is not None:
+                clipmath.agc_(params, mon.agc.clipping, mon.agc.eps)
+            elif cfg.max_norm is not None:
+                clipmath.scale_(grads, clipmath.coefficient(thr, total))
+            self.finish(total, thr)
         elif skip:
             self.count_skipped(torch.ones((), device=grads[0].device))
         if cfg.clip_value is not None:

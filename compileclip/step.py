@@ -100,7 +100,7 @@ class _ClippedStep:
 
     def __init__(
         self, variants: dict, build, backend: ClipBackend, device: torch.device, optimizer,
-        guarded: bool, initializing: bool = False,
+        guarded: bool, initializing: bool = False, grad_params: tuple = (),
     ) -> None:
         # given_norm -> (compiled graph, its added outputs); the variant that takes the
         # backward's norm as an input is built by ``build`` when first needed (None: never)
@@ -116,6 +116,7 @@ class _ClippedStep:
         self.device = device
         self.optimizer = weakref.ref(optimizer) if optimizer is not None else None
         self.guarded = guarded
+        self.grad_params = grad_params  # per_param_norms: the parameter of each gradient input
 
     def __call__(self, *args: Any) -> Any:
         rt = self.runtime
@@ -132,6 +133,9 @@ class _ClippedStep:
             rt.stats["norm_from_backward"] += 1
         else:
             handed = None
+        mon = rt.monitor
+        if mon.policy is not None:  # read only by the graph: updated after it, by ``finish``
+            full.extend(mon.policy_state(self.device))
         if given not in self.variants:
             self.variants[given] = self.build(given, full)
         compiled, outputs = self.variants[given]
@@ -141,16 +145,21 @@ class _ClippedStep:
         # Dynamo calls what a backend returns with *args, whatever ``_boxed_call`` says
         # (aot_module_simplified's unboxed forward copies that attribute from its callee)
         outs = list(compiled(*full))
-        if state_before is not None:
-            self._drop_new_state_if_skipped(opt, state_before, outs[-1])
         if not outputs:
             return outs
-        nonfinite = outs.pop()
-        total = outs.pop() if "total_norm" in outputs else handed
+        vals = dict(zip(outputs, outs[len(outs) - len(outputs):]))
+        del outs[len(outs) - len(outputs):]
         if self.cudagraphs:
-            nonfinite, total = nonfinite.clone(), total.clone()
+            vals = {k: v.clone() for k, v in vals.items()}
+        nonfinite = vals["nonfinite"]
+        if state_before is not None:
+            self._drop_new_state_if_skipped(opt, state_before, nonfinite)
+        total = vals.get("total_norm", handed)
         if clip and rt.config.computes_norm:
-            rt.total_norm = total
+            if "param_norms" in vals:
+                mon.record_param_norms(vals["param_norms"], self.grad_params)
+            thr = vals.get("threshold")
+            rt.finish(total, rt.threshold_for(total) if thr is None else thr)
         if self.guarded:
             rt.count_skipped(nonfinite)
         if amp_state is not None:
@@ -283,6 +292,13 @@ def compile_step_graph(backend: ClipBackend, gm: fx.GraphModule, example_inputs:
     guarded = guarded_config(config, rt)
     # one clip object for model and step: a variant that takes the backward graphs' norm
     use_given = bool(len(rt.params)) and (config.computes_norm or amp) and optimizer is not None
+    mon = rt.monitor
+    states = mon.policy_state(device) if mon.policy is not None else []
+    grad_params: tuple = ()
+    if mon.per_param:  # the example inputs are the .grad tensors, in the graph's order
+        by_grad = {id(p.grad): p for o in optimizers for group in o.param_groups for p in group["params"]
+                   if p.grad is not None}
+        grad_params = tuple(weakref.ref(by_grad[id(t)]) for t in grad_inputs)
 
     def build(given_norm: bool, graph_inputs: list[Any] | None = None):
         """Compile one variant. ``graph_inputs``: the real inputs of a call, for a variant
@@ -296,6 +312,9 @@ def compile_step_graph(backend: ClipBackend, gm: fx.GraphModule, example_inputs:
             unscale=amp,
             given_norm=given_norm,
             write_grad=config.step_writes_grad,
+            policy=None if mon.policy is None else (mon.policy.kind, mon.policy.params, states),
+            agc=None if mon.agc is None else (mon.agc.clipping, mon.agc.eps),
+            parts=mon.per_param and not given_norm,
         )
         if graph_inputs is not None:
             inputs = list(graph_inputs)
@@ -303,6 +322,7 @@ def compile_step_graph(backend: ClipBackend, gm: fx.GraphModule, example_inputs:
             inputs = [*example_inputs, *rt.graph_inputs(device, True)]
             if given_norm:
                 inputs.append(torch.zeros((), dtype=torch.float32, device=device))
+            inputs.extend(states)
         n_dynamo = len(inputs)
 
         def guard(inner: fx.GraphModule, inner_inputs: list[Any]) -> None:
@@ -321,7 +341,8 @@ def compile_step_graph(backend: ClipBackend, gm: fx.GraphModule, example_inputs:
     rec = rt.open_step
     first = use_given and rec is not None and rec.handed_norm is not None
     variants: dict[bool, Any] = {first: build(first)}
-    return _ClippedStep(variants, build if use_given else None, backend, device, optimizer, guarded, initializing)
+    return _ClippedStep(variants, build if use_given else None, backend, device, optimizer, guarded, initializing,
+                        grad_params)
 
 
 def guarded_config(config, rt) -> bool:

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
 import torch.fx as fx
 
 from . import norm_op
+from .thresholds import THRESHOLD
 
 # eager clip_grad_norm_ adds this to the norm before dividing
 EPS = 1e-6
@@ -167,6 +169,52 @@ def _norm_per_gradient(b: _Builder, grads: list[fx.Node], unscaled: list[fx.Node
     return total
 
 
+def _agc_factor(w: torch.Tensor, g: torch.Tensor, clipping: float, eps: float) -> torch.Tensor:
+    """AGC's factor (see ``compileclip.clipmath.agc_factor``, the eager side): traced by
+    AOTAutograd into plain reductions, so Inductor fuses it into the update's loops."""
+    if w.ndim <= 1:
+        wn = torch.linalg.vector_norm(w, dtype=torch.float32)
+        gn = torch.linalg.vector_norm(g, dtype=torch.float32)
+    else:
+        dims = tuple(range(1, w.ndim))
+        wn = torch.linalg.vector_norm(w, dim=dims, keepdim=True, dtype=torch.float32)
+        gn = torch.linalg.vector_norm(g, dim=dims, keepdim=True, dtype=torch.float32)
+    bound = torch.clamp(wn, min=eps) * clipping
+    return torch.where(gn < bound, 1.0, bound / torch.clamp(gn, min=EPS)).to(g.dtype)
+
+
+def _param_nodes(gm: fx.GraphModule, grads: list[fx.Node], first: fx.Node) -> list[fx.Node]:
+    """The parameter of each gradient placeholder: the graph's placeholder or attribute whose
+    source is the gradient's ``GradSource.base``. New ``get_attr`` nodes are made at the top of
+    the graph (before any update), so that they read the parameter as the step found it."""
+    by_source = {}
+    for n in gm.graph.find_nodes(op="placeholder"):
+        src = getattr(n, "_dynamo_source", None)
+        if src is not None:
+            by_source[src] = n
+    attrs = {src: name for name, src in getattr(gm, "_param_name_to_source", {}).items()}
+    out = []
+    for g in grads:
+        src = getattr(getattr(g, "_dynamo_source", None), "base", None)
+        if src in by_source:
+            out.append(by_source[src])
+        elif src in attrs:
+            with gm.graph.inserting_before(first):
+                node = gm.graph.get_attr(attrs[src])
+            val = getattr(gm, attrs[src])
+            gval = g.meta.get("example_value")
+            fake_mode = getattr(gval, "fake_mode", None)
+            if fake_mode is not None:
+                node.meta["example_value"] = fake_mode.from_tensor(val, static_shapes=True)
+            out.append(node)
+        else:
+            raise NotImplementedError(
+                f"compileclip: AGC in a compiled step could not find the parameter of gradient "
+                f"{g.name} in the step graph; clip with AGC eagerly (compile the model only)"
+            )
+    return out
+
+
 def _on(b: _Builder, x: fx.Node, g: fx.Node, device) -> fx.Node:
     """``x`` (a 0-d tensor on ``device``) moved to ``g``'s device where that differs."""
     gval = g.meta.get("example_value")
@@ -186,6 +234,9 @@ def insert_step_clip(
     unscale: bool = False,
     given_norm: bool = False,
     write_grad: bool = True,
+    policy: tuple[str, Sequence[float], Sequence[torch.Tensor]] | None = None,
+    agc: tuple[float, float] | None = None,
+    parts: bool = False,
 ) -> StepClipInsertion:
     """Clip the gradient placeholders ``grads`` of the Dynamo step graph ``gm`` (see the
     module docstring).
@@ -206,7 +257,15 @@ def insert_step_clip(
     ``nonfinite`` flag is appended to the outputs.
     ``write_grad`` copies the clipped gradient back into each gradient input after the
     update, so that ``.grad`` ends as eager clipping leaves it (after any in-place change
-    the optimizer itself makes to the gradient)."""
+    the optimizer itself makes to the gradient).
+    ``policy`` (kind, params, example state tensors): the threshold is the operator
+    ``compileclip::threshold`` of the total norm and of the policy's state, which comes in as
+    one placeholder per state tensor (``clip_state_<i>``, after all the others, read only);
+    the threshold is appended to the outputs (``"threshold"``) for the runtime to record and
+    to update the state with. ``agc`` (clipping, eps): unit-wise clipping of every gradient
+    against its parameter (read from the graph, before the update) instead of the norm clip;
+    the total norm is still computed and returned. ``parts``: each gradient's norm too, from
+    the same operator call, as an output (``"param_norms"``, 1-D, in ``grads``' order)."""
     graph = gm.graph
     placeholders = list(graph.find_nodes(op="placeholder"))
     if not grads:
@@ -231,8 +290,22 @@ def insert_step_clip(
         # placeholders DDPOptimizer's split adds)
         node._dynamo_source = None
     max_norm, enabled = added["clip_max_norm"], added["clip_enabled"]
+    states = []
+    if policy is not None:
+        anchor = added[names[-1]]
+        for i, example in enumerate(policy[2]):
+            with graph.inserting_after(anchor):
+                anchor = graph.placeholder(f"clip_state_{i}")
+            anchor._dynamo_source = None
+            if fake_mode is not None:
+                anchor.meta["example_value"] = fake_mode.from_tensor(example)
+            states.append(anchor)
+        names = [*names, *(n.name for n in states)]
+        added.update({n.name: n for n in states})
+    body = added[names[-1]].next  # the first node of the step itself
+    param_nodes = _param_nodes(gm, grads, body) if agc is not None else None
 
-    b = _Builder(gm, fake_mode, added[names[-1]].next)
+    b = _Builder(gm, fake_mode, body)
     p = float(norm_type)
     # what every use of a gradient becomes, built up step by step
     clipped = list(grads)
@@ -242,19 +315,36 @@ def insert_step_clip(
         # gradient's dtype
         inv = b.method("to", b.fn(torch.reciprocal, b.method("to", added["clip_scale"], torch.float64)), torch.float32)
         clipped = [b.fn(torch.mul, g, _on(b, inv, g, device)) for g in grads]
-    total = nonfinite = None
+    total = nonfinite = thr = part_norms = None
     if given_norm:
         total = added["clip_total_norm"]
-    elif clip_norm or compute_norm:
+    elif clip_norm or compute_norm or policy is not None or agc is not None:
         # one extern call per (device, dtype) group (norm_op): a constant number of kernels, and
         # eager's arithmetic; unscaling (``inv``) happens inside, as GradScaler.unscale_ does
         if any(_is_dtensor(v) for v in vals):
+            if parts:
+                raise NotImplementedError(
+                    "compileclip: per_param_norms=True is not supported in a compiled step over "
+                    "DTensor gradients (FSDP2): compile the model with the clip and step eagerly"
+                )
             total = _norm_per_gradient(b, grads, clipped, p, device)
         else:
-            totals = []
+            totals, pieces, order = [], [], []
             for pos in norm_op.group_positions(vals):
-                t = b.fn(norm_op.TOTAL_NORM, [grads[i] for i in pos], p, inv)
+                order.extend(pos)
+                if parts:
+                    both = b.fn(norm_op.TOTAL_NORM_PARTS, [grads[i] for i in pos], p, inv)
+                    t = b.fn(operator.getitem, both, 0)
+                    piece = b.fn(operator.getitem, both, 1)
+                    pieces.append(b.method("to", piece, device) if vals[pos[0]].device != device else piece)
+                else:
+                    t = b.fn(norm_op.TOTAL_NORM, [grads[i] for i in pos], p, inv)
                 totals.append(b.method("to", t, device) if vals[pos[0]].device != device else t)
+            if parts:
+                part_norms = pieces[0] if len(pieces) == 1 else b.fn(torch.cat, pieces)
+                if order != sorted(order):  # back to the order of ``grads``
+                    inverse = [order.index(i) for i in range(len(order))]
+                    part_norms = b.fn(operator.getitem, part_norms, inverse)
             total = norm_op.combine_nodes(
                 totals, p,
                 power=lambda x, e: b.fn(torch.pow, x, e),
@@ -266,7 +356,19 @@ def insert_step_clip(
         # 1.0 where the norm is nan or inf (|x| < inf is false for both)
         finite = b.fn(torch.lt, b.fn(torch.abs, total), math.inf)
         nonfinite = b.method("to", b.fn(torch.logical_not, finite), torch.float32)
-    if clip_norm:
+    if policy is not None:
+        thr = b.fn(THRESHOLD, total, states, policy[0], [float(x) for x in policy[1]])
+        max_norm = thr
+    if agc is not None:
+        # unit-wise, against the parameter before the update; enabled=False: factor 1
+        factors = [b.fn(_agc_factor, w, u, agc[0], agc[1]) for u, w in zip(clipped, param_nodes)]
+        stored = b.fn(norm_op.MATERIALIZE, factors)  # see norm_op: not fused into the update
+        out = []
+        for i, (g, u) in enumerate(zip(grads, clipped)):
+            factor = b.fn(torch.where, _on(b, enabled, g, device), b.fn(operator.getitem, stored, i), 1.0)
+            out.append(b.fn(torch.mul, u, factor))
+        clipped = out
+    elif clip_norm:
         coef = b.fn(torch.div, max_norm, b.fn(torch.add, total, EPS))
         coef = b.fn(torch.clamp, coef, max=1.0)
         # enabled=False: coefficient exactly 1 (the gradients were already clipped by a backward)
@@ -296,11 +398,19 @@ def insert_step_clip(
 
     outs = output.args[0]
     if isinstance(outs, (list, tuple)):
-        extra = [] if total is None else [nonfinite] if given_norm else [total, nonfinite]
+        appended = {}
+        if total is not None:
+            if not given_norm:
+                appended["total_norm"] = total
+            appended["nonfinite"] = nonfinite
+        if thr is not None:
+            appended["threshold"] = thr
+        if part_norms is not None:
+            appended["param_norms"] = part_norms
+        extra = list(appended.values())
         output.args = (type(outs)([*outs, *extra]) if isinstance(outs, list) else (*outs, *extra),)
     else:
         raise ValueError(f"unexpected output structure of the step graph: {outs!r}")
     graph.lint()
     gm.recompile()
-    outputs = () if total is None else ("nonfinite",) if given_norm else ("total_norm", "nonfinite")
-    return StepClipInsertion(positions, tuple(added[n].name for n in names), write_grad, outputs)
+    return StepClipInsertion(positions, tuple(added[n].name for n in names), write_grad, tuple(appended))

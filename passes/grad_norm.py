@@ -16,6 +16,7 @@ of ``g / scale``, as after ``GradScaler.unscale_``. All inserted nodes go before
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -35,6 +36,7 @@ class NormInsertion:
 
     num_grads: int
     placeholders: tuple[str, ...]
+    order: tuple[int, ...] = ()  # with ``parts``: the gradient (index into grad_indices) of each part
 
 
 class _Builder:
@@ -63,10 +65,13 @@ class _Builder:
         return node
 
 
-def insert_grad_norm(gm: fx.GraphModule, grad_indices: Sequence[int], norm_type: float, *, unscale: bool = False) -> NormInsertion:
+def insert_grad_norm(gm: fx.GraphModule, grad_indices: Sequence[int], norm_type: float, *, unscale: bool = False,
+                     parts: bool = False) -> NormInsertion:
     """Append the float32 ``norm_type``-norm of the outputs at ``grad_indices`` of ``gm`` as
     one more output (see the module docstring). With no gradients the norm is 0, so the
-    calling convention does not depend on the graph."""
+    calling convention does not depend on the graph. ``parts``: also append the norm of each
+    gradient (1-D float32, in the order ``NormInsertion.order`` gives as indices into
+    ``grad_indices``), from the same operator call (``total_norm_parts``)."""
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     fake_mode = detect_fake_mode([n.meta.get("val") for n in placeholders])
@@ -91,9 +96,18 @@ def insert_grad_norm(gm: fx.GraphModule, grad_indices: Sequence[int], norm_type:
     if grads:
         # one extern call per (device, dtype) group of gradients (see norm_op)
         p = float(norm_type)
-        totals = []
+        totals, pieces, order = [], [], []
         for pos in norm_op.group_positions([g.meta["val"] for g in grads]):
-            t = b(norm_op.TOTAL_NORM, [grads[i] for i in pos], p, inv)
+            order.extend(pos)
+            if parts:
+                both = b(norm_op.TOTAL_NORM_PARTS, [grads[i] for i in pos], p, inv)
+                t = b(operator.getitem, both, 0)
+                piece = b(operator.getitem, both, 1)
+                if grads[pos[0]].meta["val"].device != device:
+                    piece = b(aten._to_copy.default, piece, device=device)
+                pieces.append(piece)
+            else:
+                t = b(norm_op.TOTAL_NORM, [grads[i] for i in pos], p, inv)
             if grads[pos[0]].meta["val"].device != device:
                 t = b(aten._to_copy.default, t, device=device)
             totals.append(t)
@@ -106,10 +120,14 @@ def insert_grad_norm(gm: fx.GraphModule, grad_indices: Sequence[int], norm_type:
         )
     else:
         total = b(aten.full.default, [], 0.0, dtype=torch.float32, device=device, pin_memory=False)
-    b.output.args = (tuple(outputs) + (total,),)
+        order, pieces = [], [b(aten.empty.memory_format, [0], dtype=torch.float32, device=device, pin_memory=False)]
+    extra = (total,)
+    if parts:
+        extra += (pieces[0] if len(pieces) == 1 else b(aten.cat.default, pieces),)
+    b.output.args = (tuple(outputs) + extra,)
     desc = b.output.meta.get("desc")
     if isinstance(desc, (list, tuple)):
-        b.output.meta["desc"] = [*desc, None]
+        b.output.meta["desc"] = [*desc, *[None] * len(extra)]
     graph.lint()
     gm.recompile()
-    return NormInsertion(len(grads), names)
+    return NormInsertion(len(grads), names, tuple(order))

@@ -110,6 +110,29 @@ def _(grads, norm_type, inv_scale=None):
 TOTAL_NORM = torch.ops.compileclip.total_norm.default  # the OpOverload the passes insert
 
 
+def total_norm_parts(grads: Sequence[torch.Tensor], norm_type: float, inv_scale: Optional[torch.Tensor] = None):
+    """``total_norm`` and the per-gradient norms it combined (1-D float32, in ``grads``'
+    order): the same arithmetic, for ``per_param_norms=True`` (no second read)."""
+    if not grads:
+        raise ValueError("compileclip::total_norm_parts needs at least one gradient")
+    if inv_scale is not None:
+        grads = torch._foreach_mul(list(grads), inv_scale.to(grads[0].device))
+    stacked = torch.stack(_norms(list(grads), norm_type, grads[0].device))
+    return torch.linalg.vector_norm(stacked, norm_type).to(torch.float32), stacked
+
+
+_LIB.define("total_norm_parts(Tensor[] grads, float norm_type, Tensor? inv_scale=None) -> (Tensor, Tensor)")
+_LIB.impl("total_norm_parts", total_norm_parts, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("compileclip::total_norm_parts")
+def _(grads, norm_type, inv_scale=None):
+    return grads[0].new_empty((), dtype=torch.float32), grads[0].new_empty((len(grads),), dtype=torch.float32)
+
+
+TOTAL_NORM_PARTS = torch.ops.compileclip.total_norm_parts.default
+
+
 def combine_nodes(totals: list, norm_type: float, power, add, maximum, root):
     """The norm of several group norms, from graph-building callables (``power(x, p)``,
     ``add``, ``maximum``, ``root(x, p)``): max for inf, else (sum of p-th powers)^(1/p)."""
@@ -124,3 +147,21 @@ def combine_nodes(totals: list, norm_type: float, power, add, maximum, root):
     for t in totals[1:]:
         out = add(out, power(t, norm_type))
     return root(out, norm_type)
+
+
+# ``materialize(xs)``: the tensors, computed and stored, as one opaque call. The step pass puts
+# AGC's per-unit factors (tiny: one float per output unit) through it, so that Inductor does
+# not fuse their row reductions into the loop that updates the same rows in place: its CPU
+# backend's outer-loop fusion fails on that (KeyError in ``get_read_expr``, torch 2.13,
+# reproduced with a plain torch.compile of ``w.add_(g * f(w, g)); g.copy_(g * f(w, g))``).
+# One extern call for all the factors, a multi-tensor kernel on CUDA.
+_LIB.define("materialize(Tensor[] xs) -> Tensor[]")
+_LIB.impl("materialize", lambda xs: torch._foreach_mul(list(xs), 1.0), "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("compileclip::materialize")
+def _(xs):
+    return [x.new_empty(x.shape) for x in xs]
+
+
+MATERIALIZE = torch.ops.compileclip.materialize.default

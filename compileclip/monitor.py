@@ -1,0 +1,117 @@
+"""What a clip remembers of its steps, on the device: the norm history, the threshold of each
+step, the per-parameter norms of the last step, and an adaptive policy's statistics.
+
+Every clipped step ends in ``Monitor.record(total, thr)``, whichever path clipped it (a
+compiled step graph, the eager clip at the step hook, a DTensor clip). ``record`` only runs
+device kernels (a ring-buffer write is a ``copy_`` into a slot chosen by a host counter):
+nothing here reads a tensor on the host, except ``suggest_max_norm`` and ``plot``, which are
+for the user to call.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Sequence
+
+import torch
+
+from .passes import thresholds
+from .policies import AGC, Percentile, ZScore
+
+
+class Monitor:
+    def __init__(self, config) -> None:
+        self.size: int | None = config.history
+        mn = config.max_norm
+        self.policy = mn if isinstance(mn, (Percentile, ZScore)) else None
+        self.agc = mn if isinstance(mn, AGC) else None
+        self.per_param: bool = config.per_param_norms
+        self.steps = 0  # steps recorded: a host counter, no sync
+        self.state: list[torch.Tensor] | None = None  # the policy's statistics (thresholds.init_state)
+        self.threshold: torch.Tensor | None = None  # of the last step
+        self._norms: torch.Tensor | None = None  # ring buffers of ``size``
+        self._thrs: torch.Tensor | None = None
+        self.param_norms: torch.Tensor | None = None  # of the last step, 1-D
+        self.param_refs: tuple[weakref.ref, ...] = ()  # the parameter of each entry
+
+    # -- the policy ---------------------------------------------------------------------------
+    def policy_state(self, device: torch.device) -> list[torch.Tensor]:
+        if self.state is None:
+            self.state = thresholds.init_state(self.policy.kind, self.policy.params, device)
+        return self.state if self.state[0].device == device else [t.to(device) for t in self.state]
+
+    def policy_threshold(self, total: torch.Tensor) -> torch.Tensor:
+        """The eager side of ``compileclip::threshold``: the same function the graphs call."""
+        p = self.policy
+        return thresholds.threshold(p.kind, p.params, total, self.policy_state(total.device))
+
+    # -- one step -----------------------------------------------------------------------------
+    def record(self, total: torch.Tensor, thr: torch.Tensor) -> None:
+        """The clip of one step is done: ``total`` was its pre-clip norm, ``thr`` its threshold."""
+        if self.policy is not None:
+            state = self.policy_state(total.device)
+            thresholds.update_(self.policy.kind, self.policy.params, total, state)
+            if state is not self.state:  # the norm came from another device this time
+                for mine, new in zip(self.state, state):
+                    mine.copy_(new)
+        if self.size is not None:
+            if self._norms is None:
+                self._norms = torch.full((self.size,), math.nan, dtype=torch.float32, device=total.device)
+                self._thrs = torch.full((self.size,), math.nan, dtype=torch.float32, device=total.device)
+            slot = self.steps % self.size
+            self._norms[slot].copy_(total)
+            self._thrs[slot].copy_(thr)
+        self.threshold = thr
+        self.steps += 1
+
+    def record_param_norms(self, norms: torch.Tensor, params: Sequence[weakref.ref]) -> None:
+        self.param_norms = norms
+        self.param_refs = tuple(params)
+
+    # -- reading it -----------------------------------------------------------------------------
+    def _ordered(self, ring: torch.Tensor | None) -> torch.Tensor:
+        if self.size is None:
+            raise RuntimeError(
+                "compileclip: this clip keeps no history: pass clip_backend(..., history=N) to "
+                "keep the pre-clip norms of the last N steps on the device"
+            )
+        if ring is None:
+            return torch.empty(0, dtype=torch.float32)
+        n = min(self.steps, self.size)
+        start = self.steps % self.size if self.steps > self.size else 0
+        return torch.roll(ring, -start)[:n] if start else ring[:n]
+
+    @property
+    def history(self) -> torch.Tensor:
+        return self._ordered(self._norms)
+
+    @property
+    def thresholds(self) -> torch.Tensor:
+        return self._ordered(self._thrs)
+
+    def suggest_max_norm(self, q: float) -> float:
+        if not isinstance(q, (int, float)) or isinstance(q, bool) or not 0.0 <= q <= 1.0:
+            raise ValueError(f"q={q!r} is not allowed: it must be a number in [0, 1]")
+        h = self.history
+        finite = h[torch.isfinite(h)]  # the user's call: a host read is expected here
+        if finite.numel() == 0:
+            raise RuntimeError(
+                "compileclip: no finite norm in the history yet: suggest_max_norm needs at least "
+                "one clipped step (the clip runs at opt.step())"
+            )
+        return float(torch.quantile(finite, q))
+
+    def check_param_norms(self) -> None:
+        if not self.per_param:
+            raise RuntimeError(
+                "compileclip: per-parameter norms are off: pass clip_backend(..., per_param_norms=True)"
+            )
+        if self.param_norms is None:
+            raise RuntimeError("compileclip: no optimizer step has been clipped yet; read named_norms after opt.step()")
+
+    def named_norms(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        self.check_param_norms()
+        index = {id(r()): i for i, r in enumerate(self.param_refs) if r() is not None}
+        return {name: self.param_norms[index[id(p)]]
+                for name, p in model.named_parameters() if id(p) in index}

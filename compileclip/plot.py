@@ -1,0 +1,51 @@
+"""``ClipBackend.plot``: the norm history as a PNG (matplotlib, an optional extra)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def plot_history(path, norms: torch.Tensor, thresholds: torch.Tensor, *, first_step: int = 1,
+                 title: str = "", q: float = 0.95) -> None:
+    """Norm per step (line), threshold per step (step line; where it is finite), the steps the
+    clip scaled down (norm above threshold, marked), and the ``q``-quantile of the finite norms
+    (the value ``suggest_max_norm(q)`` returns)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # the optional extra
+        raise ImportError("compileclip: clip.plot needs matplotlib: pip install 'compileclip[plot]'") from e
+    norms = norms.detach().float().cpu()
+    thrs = thresholds.detach().float().cpu()
+    if norms.numel() == 0:
+        raise RuntimeError("compileclip: the history is empty: nothing to plot yet")
+    steps = torch.arange(first_step, first_step + norms.numel())
+    clipped = torch.isfinite(norms) & (norms > thrs)
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=120)
+    ax.plot(steps, norms, color="tab:blue", lw=1.2, label="pre-clip gradient norm")
+    shown = torch.where(torch.isfinite(thrs), thrs, torch.full_like(thrs, math.nan))
+    if bool(torch.isfinite(shown).any()):
+        ax.step(steps, shown, where="mid", color="tab:orange", lw=1.2, label="threshold (max_norm used)")
+        ax.plot(steps[clipped], torch.minimum(norms, thrs)[clipped], "v", color="tab:orange", ms=4,
+                label="norm after clipping")
+    ax.plot(steps[clipped], norms[clipped], "o", mfc="none", color="tab:red", ms=7,
+            label=f"clipped steps ({int(clipped.sum())})")
+    finite = norms[torch.isfinite(norms)]
+    if finite.numel():
+        suggested = float(torch.quantile(finite, q))
+        ax.axhline(suggested, color="tab:green", ls="--", lw=1,
+                   label=f"suggest_max_norm({q}) = {suggested:.3g}")
+        if float(finite.max()) > 20 * max(float(finite.median()), 1e-30):
+            ax.set_yscale("log")  # a spike would flatten the rest
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("gradient norm")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
