@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from compileclip import ClipConfig, clip_backend
+from compileclip import AGC, ClipConfig, Percentile, ZScore, clip_backend
 
 
 @pytest.mark.parametrize(
@@ -15,7 +15,7 @@ from compileclip import ClipConfig, clip_backend
     [
         ({"max_norm": -1.0}, ValueError, r"max_norm=-1\.0 .* >= 0"),
         ({"max_norm": math.nan}, ValueError, r"max_norm=nan .* >= 0"),
-        ({"max_norm": "1.0"}, TypeError, r"max_norm must be a float >= 0 .* got str '1\.0'"),
+        ({"max_norm": "1.0"}, TypeError, r"max_norm must be a float >= 0.* got str '1\.0'"),
         ({"max_norm": True}, TypeError, r"max_norm must be .* got bool True"),
         ({"max_norm": torch.tensor([1.0, 2.0])}, TypeError, r"max_norm as a tensor must be a 0-d floating point tensor, got shape \(2,\)"),
         ({"max_norm": torch.tensor(1)}, TypeError, r"max_norm as a tensor .* dtype torch.int64"),
@@ -38,6 +38,11 @@ from compileclip import ClipConfig, clip_backend
         ({"max_norm": 1.0, "skip_nonfinite": True, "error_if_nonfinite": True}, ValueError, r"choose one"),
         ({"clip_value": 1.0, "error_if_nonfinite": True}, ValueError, r"error_if_nonfinite=True needs max_norm"),
         ({"max_norm": 1.0, "skip_nonfinite": True, "fuse": False}, ValueError, r"skip_nonfinite=True needs fuse=True"),
+        ({"max_norm": 1.0, "history": 0}, ValueError, r"history=0 is not allowed: give an int >= 1"),
+        ({"max_norm": 1.0, "history": 2.5}, ValueError, r"history=2\.5"),
+        ({"max_norm": 1.0, "history": True}, ValueError, r"history=True"),
+        ({"max_norm": 1.0, "per_param_norms": "yes"}, TypeError, r"per_param_norms must be a bool, got str 'yes'"),
+        ({"max_norm": Percentile}, TypeError, r"max_norm=Percentile is the policy's class: pass an instance"),
     ],
 )
 def test_bad_configuration(kwargs, exc, pattern):
@@ -66,3 +71,50 @@ def test_max_norm_tensor_kept_by_reference():
 def test_total_norm_before_any_step():
     with pytest.raises(RuntimeError, match="no optimizer step has been clipped yet"):
         clip_backend(max_norm=1.0).total_norm
+
+
+@pytest.mark.parametrize(
+    "make,exc,pattern",
+    [
+        (lambda: Percentile(q=0.0), ValueError, r"Percentile\(q=0\.0\) is not allowed: it must lie in \(0\.0, 1\.0\]"),
+        (lambda: Percentile(q=1.5), ValueError, r"Percentile\(q=1\.5\)"),
+        (lambda: Percentile(q=math.nan), ValueError, r"Percentile\(q=nan\)"),
+        (lambda: Percentile(q="0.9"), TypeError, r"Percentile\(q=...\) must be a number, got str '0\.9'"),
+        (lambda: Percentile(window=0), ValueError, r"Percentile\(window=0\) is not allowed: it must be an int >= 1"),
+        (lambda: Percentile(warmup=-1), ValueError, r"Percentile\(warmup=-1\)"),
+        (lambda: Percentile(warmup_max_norm=-1.0), ValueError, r"Percentile\(warmup_max_norm=-1\.0\)"),
+        (lambda: ZScore(z=0.0), ValueError, r"ZScore\(z=0\.0\)"),
+        (lambda: ZScore(alpha=1.0), ValueError, r"ZScore\(alpha=1\.0\) is not allowed: it must lie in \[0\.0, 1\.0\)"),
+        (lambda: ZScore(warmup=0), ValueError, r"ZScore\(warmup=0\) is not allowed: it must be an int >= 1"),
+        (lambda: ZScore(max_norm=math.nan), ValueError, r"ZScore\(max_norm=nan\)"),
+        (lambda: AGC(clipping=0.0), ValueError, r"AGC\(clipping=0\.0\)"),
+        (lambda: AGC(eps=-1e-3), ValueError, r"AGC\(eps=-0\.001\)"),
+        (lambda: Percentile(0.9), TypeError, r"positional"),
+    ],
+)
+def test_bad_policy(make, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        make()
+
+
+def test_policies_are_frozen_and_accepted_as_max_norm():
+    for policy in (Percentile(), ZScore(max_norm=2.0), AGC()):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            policy.eps = 1.0  # every policy has a field; frozen before any name check
+        assert clip_backend(max_norm=policy).max_norm is policy
+
+
+def test_monitoring_reads_before_any_step():
+    clip = clip_backend(max_norm=1.0)
+    with pytest.raises(RuntimeError, match=r"keeps no history: pass clip_backend\(\.\.\., history=N\)"):
+        clip.history
+    with pytest.raises(RuntimeError, match=r"per-parameter norms are off"):
+        clip.named_norms(torch.nn.Linear(2, 2))
+    clip = clip_backend(max_norm=1.0, history=4, per_param_norms=True)
+    assert clip.history.numel() == 0
+    with pytest.raises(RuntimeError, match="no finite norm in the history yet"):
+        clip.suggest_max_norm()
+    with pytest.raises(ValueError, match=r"q=1\.5 is not allowed"):
+        clip.suggest_max_norm(1.5)
+    with pytest.raises(RuntimeError, match="no optimizer step has been clipped yet"):
+        clip.param_norms
