@@ -363,14 +363,14 @@ class ClipRuntime:
         grads = [p.grad for p in params]
         if any(clipmath.is_dtensor(g) for g in grads):
             if cfg.computes_norm:
+                if mon.per_param:  # before the clip scales them
+                    mon.record_param_norms(clipmath.dtensor_param_norms(grads, cfg.norm_type),
+                                           [weakref.ref(p) for p in params])
                 total, thr = clipmath.dtensor_clip_(
                     params, self.threshold_for, cfg.norm_type, cfg.error_if_nonfinite,
                     clip_norm=cfg.max_norm is not None and mon.agc is None)
                 if mon.agc is not None:
                     clipmath.agc_(params, mon.agc.clipping, mon.agc.eps)
-                if mon.per_param:
-                    mon.record_param_norms(clipmath.dtensor_param_norms(grads, cfg.norm_type),
-                                           [weakref.ref(p) for p in params])
                 self.finish(total, thr)
                 self.stats["norm_at_step"] += 1
             if cfg.clip_value is not None:

@@ -331,7 +331,9 @@ def compile_step_graph(backend: ClipBackend, gm: fx.GraphModule, example_inputs:
             offset = len(inner_inputs) - n_dynamo
             if offset < 0:
                 raise RuntimeError("compileclip: unexpected inputs of the compiled step graph")
-            guard_input_mutations(inner, -1, exclude=[offset + i for i in grad_positions])
+            # the nonfinite flag, counted from the end (the clip's outputs come last)
+            flag = insertion.outputs.index("nonfinite") - len(insertion.outputs)
+            guard_input_mutations(inner, flag, exclude=[offset + i for i in grad_positions])
 
         return compile_graph(config.inner, g, inputs, forward_rewrite=guard if guarded else None, config_patches=patches), insertion.outputs
 

@@ -65,10 +65,10 @@ def threshold(kind: str, params: Sequence[float], total: torch.Tensor, state: Se
     total = total.to(_F32)
     if kind == "percentile":
         q, _, warmup, warm_max = params
-        window, count = _percentile_window(params, total, state)
+        window, _ = _percentile_window(params, total, state)
         quant = torch.nanquantile(window, q)
         quant = torch.where(torch.isnan(quant), math.inf, quant)  # no finite norm yet
-        return torch.where(count + 1 <= int(warmup), warm_max, quant)
+        return torch.where(state[1] + 1 <= int(warmup), warm_max, quant)  # state[1]: steps seen
     if kind == "zscore":
         cap = params[3]
         ready, spike, spike_thr = _zscore_spike(params, total, state)
