@@ -74,7 +74,7 @@ def _norm_in_backward(rt: ClipRuntime, norm_type: float, param_idx, gm: fx.Graph
     positions = _grad_outputs(gm, param_idx)
     if not positions:
         return example_inputs, lambda compiled: compiled
-    per_param = rt.monitor.per_param
+    per_param = rt.config.per_param_norms
     insertion = insert_grad_norm(
         gm, [pos for pos, _ in positions], norm_type, unscale=rt.scaler is not None, parts=per_param,
     )
@@ -178,18 +178,18 @@ class ClipBackend:
     def history(self) -> torch.Tensor:
         """The pre-clip total norms of the last ``history`` clipped steps, oldest first (1-D
         float32 on the device; needs ``history=N``)."""
-        return self._runtime.monitor.history
+        return self._runtime.monitor().history
 
     @property
     def thresholds(self) -> torch.Tensor:
         """The threshold each step of ``history`` clipped at, aligned with it: ``max_norm``, an
         adaptive policy's, ``inf`` for a step a policy left alone, ``nan`` for AGC."""
-        return self._runtime.monitor.thresholds
+        return self._runtime.monitor().thresholds
 
     @property
     def threshold(self) -> torch.Tensor:
         """The threshold of the last clipped step (0-d float32 on the device)."""
-        thr = self._runtime.monitor.threshold
+        thr = self._runtime.monitor().threshold
         if thr is None:
             raise RuntimeError("compileclip: no optimizer step has been clipped yet; read threshold after opt.step()")
         return thr
@@ -198,47 +198,42 @@ class ClipBackend:
         """The ``q``-quantile of the finite norms in ``history``: a fixed ``max_norm`` for the
         next run, by the usual recipe (log the norm of a stable run, clip near its 95th
         percentile). The one call that reads the history on the host."""
-        return self._runtime.monitor.suggest_max_norm(q)
+        return self._runtime.monitor().suggest_max_norm(q)
 
     @property
     def param_norms(self) -> torch.Tensor:
         """The pre-clip norm of each gradient of the last step (1-D float32, device; needs
         ``per_param_norms=True``). ``named_norms`` says whose."""
-        mon = self._runtime.monitor
+        mon = self._runtime.monitor()
         mon.check_param_norms()
         return mon.param_norms
 
     def named_norms(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """``{name: pre-clip norm of that parameter's gradient}`` for the parameters of
         ``model`` the last step clipped (0-d device tensors: views of ``param_norms``)."""
-        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-            model = model._orig_mod
-        return self._runtime.monitor.named_norms(model)
+        return self._runtime.monitor().named_norms(model)
 
     def plot(self, path, *, title: str | None = None) -> None:
         """Write a PNG of ``history``: the norm per step, the threshold per step, the clipped
         steps marked, and ``suggest_max_norm(0.95)``. Needs matplotlib
         (``pip install compileclip[plot]``)."""
-        from .plot import plot_history
+        self._runtime.monitor().plot(path, title=title)
 
-        mon = self._runtime.monitor
-        plot_history(path, mon.history, mon.thresholds, first_step=max(mon.steps - len(mon.history), 0) + 1,
-                     title=title or _describe(self.config.max_norm))
+    def monitor(self, optimizer: torch.optim.Optimizer | None = None):
+        """The record of ``optimizer``'s steps (``history``, ``thresholds``, ``threshold``,
+        ``suggest_max_norm``, ``param_norms``, ``named_norms``, ``plot``): one per optimizer,
+        so a GAN's generator and discriminator each have their own norms and policy
+        statistics, as two eager clips would. The clip's own properties read the only one."""
+        return self._runtime.monitor(optimizer)
 
-    @property
-    def skipped_steps(self) -> torch.Tensor:
-        """Steps that left the parameters untouched because the total norm was nan/inf
-        (``skip_nonfinite=True``, or a GradScaler overflow in a compiled step). A 0-d int64
-        device tensor."""
-        rt = self._runtime
-        return torch.zeros((), dtype=torch.int64) if rt.skipped_steps is None else rt.skipped_steps
+    def state_dict(self, optimizer: torch.optim.Optimizer | None = None) -> dict:
+        """The history and the policy's statistics, to save with a checkpoint."""
+        return self._runtime.monitor(optimizer).state_dict()
 
-    @property
-    def stats(self) -> dict[str, int]:
-        """Counters: steps by path (``step_in_graph``, ``step_eager``, ``step_after_closure``),
-        where the norm came from (``norm_from_backward``: every gradient's norm from the
-        backward graphs; ``norm_at_step``: some computed at the step), ``backward_graph_runs``."""
-        return dict(self._runtime.stats)
+    def load_state_dict(self, state: dict, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Resume from ``state_dict()``: before the first step, or any time after. Without
+        ``optimizer``, it goes to the only optimizer this clip clips (the first one to step)."""
+        self._runtime.load_monitor(state, optimizer)
 
     def compile_step(self, optimizer: torch.optim.Optimizer, **compile_kwargs) -> CompiledStep:
         """The optimizer's step, compiled with the clip folded into its update loop. Call it
@@ -343,10 +338,3 @@ def clip_backend(
         scaler=scaler,
     )
 
-
-def _describe(max_norm) -> str:
-    if max_norm is None:
-        return "no norm clip"
-    if isinstance(max_norm, torch.Tensor):
-        return "max_norm (a tensor)"
-    return f"max_norm={max_norm!r}"

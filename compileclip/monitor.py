@@ -21,12 +21,17 @@ from .policies import AGC, Percentile, ZScore
 
 
 class Monitor:
+    """One optimizer's record (``clip.monitor(opt)``; the clip's own properties read the only
+    one): ``history``, ``thresholds``, ``threshold``, ``suggest_max_norm``, ``param_norms``,
+    ``named_norms``, ``plot``, and ``state_dict``/``load_state_dict`` to resume."""
+
     def __init__(self, config) -> None:
         self.size: int | None = config.history
         mn = config.max_norm
         self.policy = mn if isinstance(mn, (Percentile, ZScore)) else None
         self.agc = mn if isinstance(mn, AGC) else None
         self.per_param: bool = config.per_param_norms
+        self.title = _describe(mn)
         self.steps = 0  # steps recorded: a host counter, no sync
         self.state: list[torch.Tensor] | None = None  # the policy's statistics (thresholds.init_state)
         self.threshold: torch.Tensor | None = None  # of the last step
@@ -112,6 +117,45 @@ class Monitor:
 
     def named_norms(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         self.check_param_norms()
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
         index = {id(r()): i for i, r in enumerate(self.param_refs) if r() is not None}
         return {name: self.param_norms[index[id(p)]]
                 for name, p in model.named_parameters() if id(p) in index}
+
+    def plot(self, path, *, title: str | None = None) -> None:
+        from .plot import plot_history
+
+        h = self.history
+        plot_history(path, h, self.thresholds, first_step=self.steps - h.numel() + 1, title=title or self.title)
+
+    # -- resume -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What a resumed run needs to go on as if uninterrupted: the step count, the history
+        buffers and the policy's statistics (tensors, cloned)."""
+        clone = (lambda t: None if t is None else t.detach().clone())
+        return {"steps": self.steps, "history": clone(self._norms), "thresholds": clone(self._thrs),
+                "policy": None if self.state is None else [clone(t) for t in self.state],
+                "policy_kind": None if self.policy is None else self.policy.kind}
+
+    def load_state_dict(self, state: dict) -> None:
+        kind = None if self.policy is None else self.policy.kind
+        if state.get("policy_kind") != kind and state.get("policy") is not None:
+            raise ValueError(f"compileclip: the state holds {state.get('policy_kind')!r} statistics, this clip's policy is {kind!r}")
+        for key, ring in (("history", "_norms"), ("thresholds", "_thrs")):
+            t = state.get(key)
+            if t is not None and self.size is not None:
+                if t.numel() != self.size:
+                    raise ValueError(f"compileclip: the saved history holds {t.numel()} steps, this clip history={self.size}")
+                setattr(self, ring, t.detach().clone())
+        if state.get("policy") is not None and self.policy is not None:
+            self.state = [t.detach().clone() for t in state["policy"]]
+        self.steps = int(state.get("steps", 0))
+
+
+def _describe(max_norm) -> str:
+    if max_norm is None:
+        return "no norm clip"
+    if isinstance(max_norm, torch.Tensor):
+        return "max_norm (a tensor)"
+    return f"max_norm={max_norm!r}"

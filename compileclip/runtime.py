@@ -68,7 +68,11 @@ class ClipRuntime:
         self.hidden_grads: list = []  # (param, grad) of an eager step skipped as nonfinite
         self.stepped_scaler_state = None  # a GradScaler state this step unscaled: STEPPED after it
         self.total_norm: torch.Tensor | None = None
-        self.monitor = Monitor(config)
+        # what each optimizer's steps left (history, a policy's statistics, per-parameter
+        # norms): a GAN's two optimizers have two norm sequences, as two eager clips would
+        self.monitors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._unowned: Monitor | None = None  # a step graph shared by several optimizers
+        self._pending_state: dict | None = None  # load_state_dict before the first step
         self.skipped_steps: torch.Tensor | None = None
         self.stats: Counter = Counter()
         # optimizer state that a skipped first compiled step created (step.py), removed at the
@@ -214,6 +218,43 @@ class ClipRuntime:
         self.runs = [r for r, (rids, _) in zip(self.runs, facts) if rids.isdisjoint(ids)]
         return runs, ([p for p in params if id(p) in left] if left else [])
 
+    # -- monitoring -------------------------------------------------------------------------
+    def monitor_for(self, opt) -> Monitor:
+        if opt is None:
+            if self._unowned is None:
+                self._unowned = Monitor(self.config)
+            return self._unowned
+        mon = self.monitors.get(opt)
+        if mon is None:
+            mon = self.monitors[opt] = Monitor(self.config)
+            state, self._pending_state = self._pending_state, None
+            if state is not None:
+                mon.load_state_dict(state)
+        return mon
+
+    def load_monitor(self, state: dict, opt=None) -> None:
+        Monitor(self.config).load_state_dict(state)  # checks it now, not at the first step
+        if opt is not None:
+            self.monitor_for(opt).load_state_dict(state)
+        elif self.monitors or self._unowned is not None:
+            self.monitor().load_state_dict(state)
+        else:  # no step yet: the first optimizer's monitor takes it
+            self._pending_state = state
+
+    def monitor(self, opt=None) -> Monitor:
+        """``opt``'s monitor, or with ``opt=None`` the only one there is."""
+        if opt is not None:
+            if opt not in self.monitors:
+                raise KeyError(f"compileclip: this clip has not clipped a step of this {type(opt).__name__} yet")
+            return self.monitors[opt]
+        mons = list(self.monitors.values()) + ([self._unowned] if self._unowned is not None else [])
+        if len(mons) > 1:
+            raise RuntimeError(
+                f"compileclip: this clip clipped the steps of {len(mons)} optimizers, each with its "
+                "own norm history and statistics: read them with clip.monitor(optimizer)"
+            )
+        return mons[0] if mons else Monitor(self.config)
+
     # -- the step ---------------------------------------------------------------------------
     def begin_step(self, opt, args: tuple, kwargs: dict, compiled_frame: bool):
         """Torch's step pre-hook, for a step this clip owns. Returns new (args, kwargs) when
@@ -238,8 +279,8 @@ class ClipRuntime:
             runs, left = self.plan(params)
             if runs and not left:
                 rec.handed_norm = clipmath.combine([r.norm for r in runs], self.config.norm_type)
-                if self.monitor.per_param:  # the step graph's variant for it takes no parts
-                    self._param_norms(runs, [], [])
+                if self.config.per_param_norms:  # the step graph's variant for it takes no parts
+                    self._param_norms(runs, [], [], self.monitor_for(opt))
         else:
             @torch._dynamo.disable  # a compiled step traces its closure: the clip stays eager
             def clip_now():
@@ -327,39 +368,38 @@ class ClipRuntime:
                 self.scaler.unscale_(opt)
                 overflow = bool(sum(float(v) for v in state["found_inf_per_device"].values()))
                 self.stepped_scaler_state = state
-        self.clip_(params, skip=overflow)
+        self.clip_(params, skip=overflow, opt=opt)
 
-    def threshold_for(self, total: torch.Tensor) -> torch.Tensor:
-        """This step's threshold (0-d float32 on ``total``'s device): the policy's, a fixed
-        ``max_norm``, nan for AGC (no global threshold), inf for no norm clip."""
-        mon = self.monitor
+    def threshold_for(self, total: torch.Tensor, mon: Monitor) -> torch.Tensor:
+        """This step's threshold (0-d float32 on ``total``'s device): the policy's (with the
+        statistics of ``mon``), a fixed ``max_norm``, nan for AGC (no global threshold)."""
         if mon.policy is not None:
             return mon.policy_threshold(total)
         if mon.agc is not None:
             return self.const("nan", math.nan, torch.float32, total.device)
         return self.max_norm_on(total.device)
 
-    def finish(self, total: torch.Tensor, thr: torch.Tensor) -> None:
+    def finish(self, total: torch.Tensor, thr: torch.Tensor, mon: Monitor) -> None:
         """The clip of one step is done (every path ends here): its norm, for the user and
-        the monitor."""
+        the optimizer's monitor."""
         self.total_norm = total
-        self.monitor.record(total, thr)
+        mon.record(total, thr)
 
-    def _param_norms(self, runs: Sequence[GraphRun], left: Sequence[torch.Tensor], left_norms) -> None:
+    def _param_norms(self, runs: Sequence[GraphRun], left: Sequence[torch.Tensor], left_norms, mon: Monitor) -> None:
         """``per_param_norms``: the backward graphs' per-gradient norms and the step's own."""
         pieces = [r.parts for r in runs]
         refs = [ref for r in runs for ref in r.params]
         if left:
             pieces.append(torch.stack(list(left_norms)).to(pieces[0].device if pieces else left_norms[0].device))
             refs.extend(weakref.ref(p) for p in left)
-        self.monitor.record_param_norms(pieces[0] if len(pieces) == 1 else torch.cat(pieces), refs)
+        mon.record_param_norms(pieces[0] if len(pieces) == 1 else torch.cat(pieces), refs)
 
-    def clip_(self, params: Sequence[torch.Tensor], skip: bool = False) -> None:
+    def clip_(self, params: Sequence[torch.Tensor], skip: bool = False, opt=None) -> None:
         """Eager ``clip_grad_norm_`` then ``clip_grad_value_`` over ``params``' gradients; the
         optimizer then skips them when ``skip`` (or ``skip_nonfinite`` and the norm is nan/inf).
         The threshold is ``max_norm``'s or the adaptive policy's; ``AGC`` clips unit-wise."""
         cfg = self.config
-        mon = self.monitor
+        mon = self.monitor_for(opt)
         grads = [p.grad for p in params]
         if any(clipmath.is_dtensor(g) for g in grads):
             if cfg.computes_norm:
@@ -367,11 +407,11 @@ class ClipRuntime:
                     mon.record_param_norms(clipmath.dtensor_param_norms(grads, cfg.norm_type),
                                            [weakref.ref(p) for p in params])
                 total, thr = clipmath.dtensor_clip_(
-                    params, self.threshold_for, cfg.norm_type, cfg.error_if_nonfinite,
+                    params, lambda t: self.threshold_for(t, mon), cfg.norm_type, cfg.error_if_nonfinite,
                     clip_norm=cfg.max_norm is not None and mon.agc is None)
                 if mon.agc is not None:
                     clipmath.agc_(params, mon.agc.clipping, mon.agc.eps)
-                self.finish(total, thr)
+                self.finish(total, thr, mon)
                 self.stats["norm_at_step"] += 1
             if cfg.clip_value is not None:
                 torch.nn.utils.clip_grad_value_(params, cfg.clip_value)
@@ -383,7 +423,7 @@ class ClipRuntime:
             left_norms = clipmath.per_tensor_norms([p.grad for p in left], cfg.norm_type, device) if left else []
             total = clipmath.combine(norms + left_norms, cfg.norm_type)
             if mon.per_param:
-                self._param_norms(runs, left, left_norms)
+                self._param_norms(runs, left, left_norms, mon)
             self.stats["norm_from_backward" if not left else "norm_at_step"] += 1
             if cfg.error_if_nonfinite and not bool(torch.isfinite(total)):
                 self.total_norm = total
@@ -391,12 +431,12 @@ class ClipRuntime:
             skip = skip or (cfg.skip_nonfinite and not bool(torch.isfinite(total)))
             if skip:
                 self.count_skipped(torch.ones((), device=device))
-            thr = self.threshold_for(total)
+            thr = self.threshold_for(total, mon)
             if mon.agc is not None:
                 clipmath.agc_(params, mon.agc.clipping, mon.agc.eps)
             elif cfg.max_norm is not None:
                 clipmath.scale_(grads, clipmath.coefficient(thr, total))
-            self.finish(total, thr)
+            self.finish(total, thr, mon)
         elif skip:
             self.count_skipped(torch.ones((), device=grads[0].device))
         if cfg.clip_value is not None:

@@ -133,7 +133,7 @@ class _ClippedStep:
             rt.stats["norm_from_backward"] += 1
         else:
             handed = None
-        mon = rt.monitor
+        mon = rt.monitor_for(opt)
         if mon.policy is not None:  # read only by the graph: updated after it, by ``finish``
             full.extend(mon.policy_state(self.device))
         if given not in self.variants:
@@ -159,7 +159,7 @@ class _ClippedStep:
             if "param_norms" in vals:
                 mon.record_param_norms(vals["param_norms"], self.grad_params)
             thr = vals.get("threshold")
-            rt.finish(total, rt.threshold_for(total) if thr is None else thr)
+            rt.finish(total, rt.threshold_for(total, mon) if thr is None else thr, mon)
         if self.guarded:
             rt.count_skipped(nonfinite)
         if amp_state is not None:
@@ -292,7 +292,7 @@ def compile_step_graph(backend: ClipBackend, gm: fx.GraphModule, example_inputs:
     guarded = guarded_config(config, rt)
     # one clip object for model and step: a variant that takes the backward graphs' norm
     use_given = bool(len(rt.params)) and (config.computes_norm or amp) and optimizer is not None
-    mon = rt.monitor
+    mon = rt.monitor_for(optimizer)
     states = mon.policy_state(device) if mon.policy is not None else []
     grad_params: tuple = ()
     if mon.per_param:  # the example inputs are the .grad tensors, in the graph's order

@@ -1,0 +1,149 @@
+"""Monitoring and adaptive thresholds in the loops users have around them (issue 10):
+
+- a GAN: one clip object for the generator and the discriminator, two optimizers. Each
+  optimizer's steps have their own norm history and policy statistics (``clip.monitor(opt)``),
+  as two eager ZClip objects would; against two eager references.
+- resume: ``clip.state_dict()`` saved with a checkpoint and loaded into a fresh clip goes on
+  exactly as the uninterrupted run, whose thresholds match the eager reference.
+- ``clip.plot``: writes a PNG.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from compileclip import ZScore, clip_backend
+from reference_clip import ZScoreRef
+from test_step import small_mlp
+
+
+def _gan():
+    torch.manual_seed(0)
+    gen = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
+    disc = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    return gen, disc
+
+
+def test_gan_each_optimizer_has_its_own_statistics():
+    gen, disc = _gan()
+    ref_gen, ref_disc = copy.deepcopy(gen), copy.deepcopy(disc)
+    opt_g, opt_d = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (gen, disc))
+    ref_opt_g, ref_opt_d = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (ref_gen, ref_disc))
+    clip = clip_backend(max_norm=ZScore(warmup=3), history=16)
+    g_run, d_run = torch.compile(gen, backend=clip), torch.compile(disc, backend=clip)
+    ref_g, ref_d = ZScoreRef(warmup=3), ZScoreRef(warmup=3)
+    spikes = {6: 40.0, 9: 40.0}  # on the discriminator's loss only
+    d_thr, g_thr = [], []
+    for i in range(12):
+        z, real = torch.randn(8, 4), torch.randn(8, 8)
+        for run, r_run, fake_of, opt, ref_opt, ref, thrs, disc_step in (
+            (d_run, ref_disc, lambda g: g(z).detach(), opt_d, ref_opt_d, ref_d, d_thr, True),
+            (g_run, ref_gen, None, opt_g, ref_opt_g, ref_g, g_thr, False),
+        ):
+            if disc_step:  # the discriminator: real vs fake
+                loss = (d_run(real).mean() - d_run(g_run(z).detach()).mean()) * spikes.get(i, 1.0)
+                ref_loss = (ref_disc(real).mean() - ref_disc(ref_gen(z).detach()).mean()) * spikes.get(i, 1.0)
+            else:  # the generator, through the discriminator
+                loss, ref_loss = -d_run(g_run(z)).mean(), -ref_disc(ref_gen(z)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ref_opt.zero_grad(set_to_none=True)
+            ref_loss.backward()
+            ref_norm, thr = ref.clip_(ref_opt.param_groups[0]["params"])
+            ref_opt.step()
+            mon = clip.monitor(opt)
+            what = f"step {i} {'disc' if disc_step else 'gen'}"
+            torch.testing.assert_close(clip.total_norm, ref_norm, msg=lambda m: f"{what} norm: {m}")
+            torch.testing.assert_close(mon.threshold, torch.tensor(thr), msg=lambda m: f"{what} threshold: {m}")
+            thrs.append(thr)
+        for (name, p), q in zip([*gen.named_parameters(), *disc.named_parameters()],
+                                [*ref_gen.parameters(), *ref_disc.parameters()]):
+            torch.testing.assert_close(p, q, msg=lambda m: f"step {i} param {name}: {m}")
+    assert any(t < float("inf") for t in d_thr), d_thr  # the discriminator's spikes clipped
+    assert clip.monitor(opt_d).history.shape == clip.monitor(opt_g).history.shape == (12,)
+    with pytest.raises(RuntimeError, match=r"steps of 2 optimizers.*clip.monitor\(optimizer\)"):
+        clip.history
+
+
+def _train(model, opt, clip, steps, start):
+    run = torch.compile(model, backend=clip)
+    for i in range(start, start + steps):
+        g = torch.Generator().manual_seed(i)
+        x = torch.randn(6, 8, generator=g)
+        (run(x).pow(2).mean() * (30.0 if i == 9 else 1.0)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def test_resume_goes_on_as_uninterrupted(tmp_path):
+    policy = ZScore(warmup=3)
+    torch.manual_seed(0)
+    model = small_mlp()
+    start = copy.deepcopy(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    whole = clip_backend(max_norm=policy, history=6)
+    _train(model, opt, whole, 14, 0)
+
+    torch.manual_seed(0)
+    first = small_mlp()
+    first.load_state_dict(start)
+    opt1 = torch.optim.SGD(first.parameters(), lr=0.05, momentum=0.9)
+    clip1 = clip_backend(max_norm=policy, history=6)
+    _train(first, opt1, clip1, 7, 0)
+    torch.save({"model": first.state_dict(), "opt": opt1.state_dict(), "clip": clip1.state_dict()}, tmp_path / "ck.pt")
+    torch._dynamo.reset()
+
+    ck = torch.load(tmp_path / "ck.pt")
+    second = small_mlp()
+    second.load_state_dict(ck["model"])
+    opt2 = torch.optim.SGD(second.parameters(), lr=0.05, momentum=0.9)
+    opt2.load_state_dict(ck["opt"])
+    clip2 = clip_backend(max_norm=policy, history=6)
+    clip2.load_state_dict(ck["clip"])  # before the first step
+    _train(second, opt2, clip2, 7, 7)
+
+    torch.testing.assert_close(clip2.history, whole.history)
+    torch.testing.assert_close(clip2.thresholds, whole.thresholds)
+    assert bool((whole.history > whole.thresholds).any())  # the spike at step 9 was clipped
+    for p, q in zip(second.parameters(), model.parameters()):
+        torch.testing.assert_close(p, q)
+    # and the uninterrupted run's thresholds are the eager reference's, given its norms
+    ref = ZScoreRef(warmup=3)
+    thrs = [ref.threshold(float(n)) for n in _norms_of_all_steps(policy)]
+    torch.testing.assert_close(whole.thresholds, torch.tensor(thrs[-6:], dtype=torch.float32))
+
+
+def _norms_of_all_steps(policy):
+    torch.manual_seed(0)
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    clip = clip_backend(max_norm=policy, history=14)
+    _train(model, opt, clip, 14, 0)
+    return clip.history.tolist()
+
+
+def test_load_state_dict_checks_the_policy():
+    clip = clip_backend(max_norm=ZScore(warmup=3), history=4)
+    state = {"steps": 2, "history": torch.zeros(4), "thresholds": torch.zeros(4),
+             "policy": [torch.zeros(3)], "policy_kind": "percentile"}
+    with pytest.raises(ValueError, match="'percentile' statistics, this clip's policy is 'zscore'"):
+        clip.load_state_dict(state)
+    with pytest.raises(ValueError, match="saved history holds 4 steps, this clip history=8"):
+        clip_backend(max_norm=1.0, history=8).load_state_dict({**state, "policy": None})
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    torch.manual_seed(0)
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    clip = clip_backend(max_norm=ZScore(warmup=3), history=20)
+    _train(model, opt, clip, 12, 0)
+    clip.plot(tmp_path / "norms.png")
+    data = (tmp_path / "norms.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
