@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx as fx
 
+from . import clipmath
 from .compiling import compile_graph
 from .passes import grad_placeholders, guard_input_mutations, insert_step_clip
 
@@ -155,6 +156,8 @@ class _ClippedStep:
         if state_before is not None:
             self._drop_new_state_if_skipped(opt, state_before, nonfinite)
         total = vals.get("total_norm", handed)
+        if clipmath.is_dtensor(total):  # FSDP2: replicated, the same on every rank
+            total = total.full_tensor()
         if clip and rt.config.computes_norm:
             if "param_norms" in vals:
                 mon.record_param_norms(vals["param_norms"], self.grad_params)

@@ -357,7 +357,10 @@ def insert_step_clip(
         finite = b.fn(torch.lt, b.fn(torch.abs, total), math.inf)
         nonfinite = b.method("to", b.fn(torch.logical_not, finite), torch.float32)
     if policy is not None:
-        thr = b.fn(THRESHOLD, total, states, policy[0], [float(x) for x in policy[1]])
+        # DTensor gradients (FSDP2): the total is a replicated DTensor; the policy's state is
+        # plain, so the operator takes the local value (the same on every rank)
+        plain_total = b.method("to_local", total) if any(_is_dtensor(v) for v in vals) else total
+        thr = b.fn(THRESHOLD, plain_total, states, policy[0], [float(x) for x in policy[1]])
         max_norm = thr
     if agc is not None:
         # unit-wise, against the parameter before the update; enabled=False: factor 1

@@ -55,6 +55,8 @@ CASES = {
     # the per-parameter norms we return are those of our own .grad exactly)
     "ddp_monitor_step": dict(wrapper="ddp", compiled="model+step", optim="sgd", monitor=True),
     "fsdp_monitor": dict(wrapper="fsdp", compiled="model", optim="adamw", monitor=True),
+    # (per_param_norms in a compiled step over DTensor gradients raises NotImplementedError)
+    "fsdp_monitor_step": dict(wrapper="fsdp", compiled="step", optim="sgd", monitor=True, per_param=False),
 }
 MONITOR_STEPS, SPIKE_STEP, SPIKE = 6, 4, 50.0
 
@@ -233,7 +235,8 @@ def run_compiled(base: nn.Module, case: dict, mesh, rank: int, max_norm: float, 
     if case.get("monitor"):
         from compileclip import ZScore
 
-        monitor = dict(max_norm=ZScore(warmup=2, max_norm=max_norm), history=4, per_param_norms=True)
+        monitor = dict(max_norm=ZScore(warmup=2, max_norm=max_norm), history=4,
+                       per_param_norms=case.get("per_param", True))
     clip = clip_backend(**{"max_norm": max_norm, **monitor}, norm_type=norm_type, inner=case.get("inner", "aot_eager"))
     count_backend_calls(clip)
     ctx = (torch._dynamo.config.patch(optimize_ddp=False) if case.get("optimize_ddp") is False
@@ -294,6 +297,9 @@ def check_monitor(failures: list[str], clip, model, snaps: list[dict], where: st
     soft(failures, lambda: torch.testing.assert_close(history, want, msg=lambda m: f"{where} history: {m}"))
     thr = torch.tensor(snaps[-1]["thr"], dtype=torch.float32)
     soft(failures, lambda: torch.testing.assert_close(clip.threshold, thr, msg=lambda m: f"{where} threshold: {m}"))
+    if not clip.config.per_param_norms:
+        assert_ranks_equal(failures, {"history": history}, f"{where}")
+        return
     named = clip.named_norms(model)
     soft(failures, lambda: _check(set(named) == set(snaps[-1]["grad_norms"]),
                                   f"{where} named_norms has {sorted(named)}, eager {sorted(snaps[-1]['grad_norms'])}"))
