@@ -178,18 +178,18 @@ class ClipBackend:
     def history(self) -> torch.Tensor:
         """The pre-clip total norms of the last ``history`` clipped steps, oldest first (1-D
         float32 on the device; needs ``history=N``)."""
-        return self._runtime.monitor().history
+        return self._runtime.monitors.get().history
 
     @property
     def thresholds(self) -> torch.Tensor:
         """The threshold each step of ``history`` clipped at, aligned with it: ``max_norm``, an
         adaptive policy's, ``inf`` for a step a policy left alone, ``nan`` for AGC."""
-        return self._runtime.monitor().thresholds
+        return self._runtime.monitors.get().thresholds
 
     @property
     def threshold(self) -> torch.Tensor:
         """The threshold of the last clipped step (0-d float32 on the device)."""
-        thr = self._runtime.monitor().threshold
+        thr = self._runtime.monitors.get().threshold
         if thr is None:
             raise RuntimeError("compileclip: no optimizer step has been clipped yet; read threshold after opt.step()")
         return thr
@@ -198,42 +198,42 @@ class ClipBackend:
         """The ``q``-quantile of the finite norms in ``history``: a fixed ``max_norm`` for the
         next run, by the usual recipe (log the norm of a stable run, clip near its 95th
         percentile). The one call that reads the history on the host."""
-        return self._runtime.monitor().suggest_max_norm(q)
+        return self._runtime.monitors.get().suggest_max_norm(q)
 
     @property
     def param_norms(self) -> torch.Tensor:
         """The pre-clip norm of each gradient of the last step (1-D float32, device; needs
         ``per_param_norms=True``). ``named_norms`` says whose."""
-        mon = self._runtime.monitor()
+        mon = self._runtime.monitors.get()
         mon.check_param_norms()
         return mon.param_norms
 
     def named_norms(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """``{name: pre-clip norm of that parameter's gradient}`` for the parameters of
         ``model`` the last step clipped (0-d device tensors: views of ``param_norms``)."""
-        return self._runtime.monitor().named_norms(model)
+        return self._runtime.monitors.get().named_norms(model)
 
     def plot(self, path, *, title: str | None = None) -> None:
         """Write a PNG of ``history``: the norm per step, the threshold per step, the clipped
         steps marked, and ``suggest_max_norm(0.95)``. Needs matplotlib
         (``pip install compileclip[plot]``)."""
-        self._runtime.monitor().plot(path, title=title)
+        self._runtime.monitors.get().plot(path, title=title)
 
     def monitor(self, optimizer: torch.optim.Optimizer | None = None):
         """The record of ``optimizer``'s steps (``history``, ``thresholds``, ``threshold``,
         ``suggest_max_norm``, ``param_norms``, ``named_norms``, ``plot``): one per optimizer,
         so a GAN's generator and discriminator each have their own norms and policy
         statistics, as two eager clips would. The clip's own properties read the only one."""
-        return self._runtime.monitor(optimizer)
+        return self._runtime.monitors.get(optimizer)
 
     def state_dict(self, optimizer: torch.optim.Optimizer | None = None) -> dict:
         """The history and the policy's statistics, to save with a checkpoint."""
-        return self._runtime.monitor(optimizer).state_dict()
+        return self._runtime.monitors.get(optimizer).state_dict()
 
     def load_state_dict(self, state: dict, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Resume from ``state_dict()``: before the first step, or any time after. Without
         ``optimizer``, it goes to the only optimizer this clip clips (the first one to step)."""
-        self._runtime.load_monitor(state, optimizer)
+        self._runtime.monitors.load(state, optimizer)
 
     def compile_step(self, optimizer: torch.optim.Optimizer, **compile_kwargs) -> CompiledStep:
         """The optimizer's step, compiled with the clip folded into its update loop. Call it

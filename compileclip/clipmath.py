@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .passes.agc import agc_factor  # the step graphs trace the same function
 from .passes.clip_step import EPS  # eager clip_grad_norm_ adds it to the norm before dividing
 from .passes.norm_op import combine, per_tensor_norms  # noqa: F401  (the graphs' arithmetic)
 
@@ -86,21 +87,6 @@ def dtensor_param_norms(grads: Sequence[torch.Tensor], norm_type: float) -> torc
     """The norm of each DTensor gradient (1-D float32, plain, the same on every rank)."""
     norms = [torch.linalg.vector_norm(g, norm_type, dtype=torch.float32) for g in grads]
     return torch.stack([n.full_tensor() if is_dtensor(n) else n for n in norms])
-
-
-def unitwise_norm(x: torch.Tensor) -> torch.Tensor:
-    """AGC's unit norm (float32): per slice along dim 0 for ``ndim >= 2``, else the whole tensor."""
-    if x.ndim <= 1:
-        return torch.linalg.vector_norm(x, dtype=torch.float32)
-    return torch.linalg.vector_norm(x, dim=tuple(range(1, x.ndim)), keepdim=True, dtype=torch.float32)
-
-
-def agc_factor(w: torch.Tensor, g: torch.Tensor, clipping: float, eps: float) -> torch.Tensor:
-    """AGC's factor for ``g`` (in ``g``'s dtype, broadcastable to it): 1 where the unit's
-    gradient norm is below ``clipping * max(||w||, eps)``, that bound over the norm elsewhere."""
-    bound = torch.clamp(unitwise_norm(w), min=eps) * clipping
-    gnorm = unitwise_norm(g)
-    return torch.where(gnorm < bound, 1.0, bound / torch.clamp(gnorm, min=EPS)).to(g.dtype)
 
 
 def agc_(params: Sequence[torch.Tensor], clipping: float, eps: float) -> None:

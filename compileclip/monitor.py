@@ -74,6 +74,16 @@ class Monitor:
         self.param_norms = norms
         self.param_refs = tuple(params)
 
+    def record_run_norms(self, runs, left: Sequence[torch.Tensor], left_norms: Sequence[torch.Tensor]) -> None:
+        """``per_param_norms``: the backward graphs' per-gradient norms (``GraphRun.parts``)
+        and the ones the step computed itself (``left_norms`` of the parameters ``left``)."""
+        pieces = [r.parts for r in runs]
+        refs = [ref for r in runs for ref in r.params]
+        if left:
+            pieces.append(torch.stack(list(left_norms)).to(pieces[0].device if pieces else left_norms[0].device))
+            refs.extend(weakref.ref(p) for p in left)
+        self.record_param_norms(pieces[0] if len(pieces) == 1 else torch.cat(pieces), refs)
+
     # -- reading it -----------------------------------------------------------------------------
     def _ordered(self, ring: torch.Tensor | None) -> torch.Tensor:
         if self.size is None:
@@ -151,6 +161,52 @@ class Monitor:
         if state.get("policy") is not None and self.policy is not None:
             self.state = [t.detach().clone() for t in state["policy"]]
         self.steps = int(state.get("steps", 0))
+
+
+class Monitors:
+    """The monitors of one clip, one per optimizer (weakly keyed), created at its first step."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self._by_opt: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._unowned: Monitor | None = None  # a step graph shared by several optimizers
+        self._pending: dict | None = None  # load_state_dict before the first step
+
+    def for_optimizer(self, opt) -> Monitor:
+        if opt is None:
+            if self._unowned is None:
+                self._unowned = Monitor(self.config)
+            return self._unowned
+        mon = self._by_opt.get(opt)
+        if mon is None:
+            mon = self._by_opt[opt] = Monitor(self.config)
+            state, self._pending = self._pending, None
+            if state is not None:
+                mon.load_state_dict(state)
+        return mon
+
+    def get(self, opt=None) -> Monitor:
+        """``opt``'s monitor, or with ``opt=None`` the only one there is."""
+        if opt is not None:
+            if opt not in self._by_opt:
+                raise KeyError(f"compileclip: this clip has not clipped a step of this {type(opt).__name__} yet")
+            return self._by_opt[opt]
+        mons = list(self._by_opt.values()) + ([self._unowned] if self._unowned is not None else [])
+        if len(mons) > 1:
+            raise RuntimeError(
+                f"compileclip: this clip clipped the steps of {len(mons)} optimizers, each with its "
+                "own norm history and statistics: read them with clip.monitor(optimizer)"
+            )
+        return mons[0] if mons else Monitor(self.config)
+
+    def load(self, state: dict, opt=None) -> None:
+        Monitor(self.config).load_state_dict(state)  # checks it now, not at the first step
+        if opt is not None:
+            self.for_optimizer(opt).load_state_dict(state)
+        elif len(self._by_opt) or self._unowned is not None:
+            self.get().load_state_dict(state)
+        else:  # no step yet: the first optimizer's monitor takes it
+            self._pending = state
 
 
 def _describe(max_norm) -> str:

@@ -20,7 +20,7 @@ import torch
 
 from . import clipmath, hooks, identity
 from .config import ClipConfig
-from .monitor import Monitor
+from .monitor import Monitor, Monitors
 from .policies import POLICIES
 from .records import GraphRun, Path, StepRecord, choose_path, plan_norm
 
@@ -70,9 +70,7 @@ class ClipRuntime:
         self.total_norm: torch.Tensor | None = None
         # what each optimizer's steps left (history, a policy's statistics, per-parameter
         # norms): a GAN's two optimizers have two norm sequences, as two eager clips would
-        self.monitors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._unowned: Monitor | None = None  # a step graph shared by several optimizers
-        self._pending_state: dict | None = None  # load_state_dict before the first step
+        self.monitors = Monitors(config)
         self.skipped_steps: torch.Tensor | None = None
         self.stats: Counter = Counter()
         # optimizer state that a skipped first compiled step created (step.py), removed at the
@@ -218,43 +216,6 @@ class ClipRuntime:
         self.runs = [r for r, (rids, _) in zip(self.runs, facts) if rids.isdisjoint(ids)]
         return runs, ([p for p in params if id(p) in left] if left else [])
 
-    # -- monitoring -------------------------------------------------------------------------
-    def monitor_for(self, opt) -> Monitor:
-        if opt is None:
-            if self._unowned is None:
-                self._unowned = Monitor(self.config)
-            return self._unowned
-        mon = self.monitors.get(opt)
-        if mon is None:
-            mon = self.monitors[opt] = Monitor(self.config)
-            state, self._pending_state = self._pending_state, None
-            if state is not None:
-                mon.load_state_dict(state)
-        return mon
-
-    def load_monitor(self, state: dict, opt=None) -> None:
-        Monitor(self.config).load_state_dict(state)  # checks it now, not at the first step
-        if opt is not None:
-            self.monitor_for(opt).load_state_dict(state)
-        elif self.monitors or self._unowned is not None:
-            self.monitor().load_state_dict(state)
-        else:  # no step yet: the first optimizer's monitor takes it
-            self._pending_state = state
-
-    def monitor(self, opt=None) -> Monitor:
-        """``opt``'s monitor, or with ``opt=None`` the only one there is."""
-        if opt is not None:
-            if opt not in self.monitors:
-                raise KeyError(f"compileclip: this clip has not clipped a step of this {type(opt).__name__} yet")
-            return self.monitors[opt]
-        mons = list(self.monitors.values()) + ([self._unowned] if self._unowned is not None else [])
-        if len(mons) > 1:
-            raise RuntimeError(
-                f"compileclip: this clip clipped the steps of {len(mons)} optimizers, each with its "
-                "own norm history and statistics: read them with clip.monitor(optimizer)"
-            )
-        return mons[0] if mons else Monitor(self.config)
-
     # -- the step ---------------------------------------------------------------------------
     def begin_step(self, opt, args: tuple, kwargs: dict, compiled_frame: bool):
         """Torch's step pre-hook, for a step this clip owns. Returns new (args, kwargs) when
@@ -280,7 +241,7 @@ class ClipRuntime:
             if runs and not left:
                 rec.handed_norm = clipmath.combine([r.norm for r in runs], self.config.norm_type)
                 if self.config.per_param_norms:  # the step graph's variant for it takes no parts
-                    self._param_norms(runs, [], [], self.monitor_for(opt))
+                    self.monitors.for_optimizer(opt).record_run_norms(runs, [], [])
         else:
             @torch._dynamo.disable  # a compiled step traces its closure: the clip stays eager
             def clip_now():
@@ -385,21 +346,12 @@ class ClipRuntime:
         self.total_norm = total
         mon.record(total, thr)
 
-    def _param_norms(self, runs: Sequence[GraphRun], left: Sequence[torch.Tensor], left_norms, mon: Monitor) -> None:
-        """``per_param_norms``: the backward graphs' per-gradient norms and the step's own."""
-        pieces = [r.parts for r in runs]
-        refs = [ref for r in runs for ref in r.params]
-        if left:
-            pieces.append(torch.stack(list(left_norms)).to(pieces[0].device if pieces else left_norms[0].device))
-            refs.extend(weakref.ref(p) for p in left)
-        mon.record_param_norms(pieces[0] if len(pieces) == 1 else torch.cat(pieces), refs)
-
     def clip_(self, params: Sequence[torch.Tensor], skip: bool = False, opt=None) -> None:
         """Eager ``clip_grad_norm_`` then ``clip_grad_value_`` over ``params``' gradients; the
         optimizer then skips them when ``skip`` (or ``skip_nonfinite`` and the norm is nan/inf).
         The threshold is ``max_norm``'s or the adaptive policy's; ``AGC`` clips unit-wise."""
         cfg = self.config
-        mon = self.monitor_for(opt)
+        mon = self.monitors.for_optimizer(opt)
         grads = [p.grad for p in params]
         if any(clipmath.is_dtensor(g) for g in grads):
             if cfg.computes_norm:
@@ -423,7 +375,7 @@ class ClipRuntime:
             left_norms = clipmath.per_tensor_norms([p.grad for p in left], cfg.norm_type, device) if left else []
             total = clipmath.combine(norms + left_norms, cfg.norm_type)
             if mon.per_param:
-                self._param_norms(runs, left, left_norms, mon)
+                mon.record_run_norms(runs, left, left_norms)
             self.stats["norm_from_backward" if not left else "norm_at_step"] += 1
             if cfg.error_if_nonfinite and not bool(torch.isfinite(total)):
                 self.total_norm = total

@@ -134,7 +134,7 @@ class _ClippedStep:
             rt.stats["norm_from_backward"] += 1
         else:
             handed = None
-        mon = rt.monitor_for(opt)
+        mon = rt.monitors.for_optimizer(opt)
         if mon.policy is not None:  # read only by the graph: updated after it, by ``finish``
             full.extend(mon.policy_state(self.device))
         if given not in self.variants:
@@ -295,7 +295,7 @@ def compile_step_graph(backend: ClipBackend, gm: fx.GraphModule, example_inputs:
     guarded = guarded_config(config, rt)
     # one clip object for model and step: a variant that takes the backward graphs' norm
     use_given = bool(len(rt.params)) and (config.computes_norm or amp) and optimizer is not None
-    mon = rt.monitor_for(optimizer)
+    mon = rt.monitors.for_optimizer(optimizer)
     states = mon.policy_state(device) if mon.policy is not None else []
     grad_params: tuple = ()
     if mon.per_param:  # the example inputs are the .grad tensors, in the graph's order

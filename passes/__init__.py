@@ -12,6 +12,11 @@ On a Dynamo graph of a compiled optimizer step (before AOTAutograd):
   gradient replaced by the scaled gradient, optional write-back into ``.grad``, the norm as
   an extra output.
 
+Both passes also take the pieces of issue 10: ``norm_op.total_norm_parts`` (each gradient's
+norm from the same call), ``thresholds`` (an adaptive policy's threshold as the operator
+``compileclip::threshold``, the same function the eager clip calls) and ``agc`` (AGC's
+unit-wise factor against the parameter, in the step graph).
+
 On the aten-level inference graph AOTAutograd makes of that step graph:
 
 - ``guard_step.guard_input_mutations``: every write into an input (parameters, optimizer

@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 
 from . import norm_op
+from .agc import agc_factor, param_nodes
 from .thresholds import THRESHOLD
 
 # eager clip_grad_norm_ adds this to the norm before dividing
@@ -169,52 +170,6 @@ def _norm_per_gradient(b: _Builder, grads: list[fx.Node], unscaled: list[fx.Node
     return total
 
 
-def _agc_factor(w: torch.Tensor, g: torch.Tensor, clipping: float, eps: float) -> torch.Tensor:
-    """AGC's factor (see ``compileclip.clipmath.agc_factor``, the eager side): traced by
-    AOTAutograd into plain reductions, so Inductor fuses it into the update's loops."""
-    if w.ndim <= 1:
-        wn = torch.linalg.vector_norm(w, dtype=torch.float32)
-        gn = torch.linalg.vector_norm(g, dtype=torch.float32)
-    else:
-        dims = tuple(range(1, w.ndim))
-        wn = torch.linalg.vector_norm(w, dim=dims, keepdim=True, dtype=torch.float32)
-        gn = torch.linalg.vector_norm(g, dim=dims, keepdim=True, dtype=torch.float32)
-    bound = torch.clamp(wn, min=eps) * clipping
-    return torch.where(gn < bound, 1.0, bound / torch.clamp(gn, min=EPS)).to(g.dtype)
-
-
-def _param_nodes(gm: fx.GraphModule, grads: list[fx.Node], first: fx.Node) -> list[fx.Node]:
-    """The parameter of each gradient placeholder: the graph's placeholder or attribute whose
-    source is the gradient's ``GradSource.base``. New ``get_attr`` nodes are made at the top of
-    the graph (before any update), so that they read the parameter as the step found it."""
-    by_source = {}
-    for n in gm.graph.find_nodes(op="placeholder"):
-        src = getattr(n, "_dynamo_source", None)
-        if src is not None:
-            by_source[src] = n
-    attrs = {src: name for name, src in getattr(gm, "_param_name_to_source", {}).items()}
-    out = []
-    for g in grads:
-        src = getattr(getattr(g, "_dynamo_source", None), "base", None)
-        if src in by_source:
-            out.append(by_source[src])
-        elif src in attrs:
-            with gm.graph.inserting_before(first):
-                node = gm.graph.get_attr(attrs[src])
-            val = getattr(gm, attrs[src])
-            gval = g.meta.get("example_value")
-            fake_mode = getattr(gval, "fake_mode", None)
-            if fake_mode is not None:
-                node.meta["example_value"] = fake_mode.from_tensor(val, static_shapes=True)
-            out.append(node)
-        else:
-            raise NotImplementedError(
-                f"compileclip: AGC in a compiled step could not find the parameter of gradient "
-                f"{g.name} in the step graph; clip with AGC eagerly (compile the model only)"
-            )
-    return out
-
-
 def _on(b: _Builder, x: fx.Node, g: fx.Node, device) -> fx.Node:
     """``x`` (a 0-d tensor on ``device``) moved to ``g``'s device where that differs."""
     gval = g.meta.get("example_value")
@@ -303,7 +258,7 @@ def insert_step_clip(
         names = [*names, *(n.name for n in states)]
         added.update({n.name: n for n in states})
     body = added[names[-1]].next  # the first node of the step itself
-    param_nodes = _param_nodes(gm, grads, body) if agc is not None else None
+    params = param_nodes(gm, grads, body) if agc is not None else None
 
     b = _Builder(gm, fake_mode, body)
     p = float(norm_type)
@@ -364,7 +319,7 @@ def insert_step_clip(
         max_norm = thr
     if agc is not None:
         # unit-wise, against the parameter before the update; enabled=False: factor 1
-        factors = [b.fn(_agc_factor, w, u, agc[0], agc[1]) for u, w in zip(clipped, param_nodes)]
+        factors = [b.fn(agc_factor, w, u, agc[0], agc[1]) for u, w in zip(clipped, params)]
         stored = b.fn(norm_op.MATERIALIZE, factors)  # see norm_op: not fused into the update
         out = []
         for i, (g, u) in enumerate(zip(grads, clipped)):
