@@ -173,6 +173,21 @@ class ClipBackend:
         """What was given as ``max_norm``: a number, a 0-d tensor, a policy, or None."""
         return self.config.max_norm
 
+    @property
+    def skipped_steps(self) -> torch.Tensor:
+        """Steps that left the parameters untouched because the total norm was nan/inf
+        (``skip_nonfinite=True``, or a GradScaler overflow in a compiled step). A 0-d int64
+        device tensor."""
+        rt = self._runtime
+        return torch.zeros((), dtype=torch.int64) if rt.skipped_steps is None else rt.skipped_steps
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters: steps by path (``step_in_graph``, ``step_eager``, ``step_after_closure``),
+        where the norm came from (``norm_from_backward``: every gradient's norm from the
+        backward graphs; ``norm_at_step``: some computed at the step), ``backward_graph_runs``."""
+        return dict(self._runtime.stats)
+
     # -- monitoring (compileclip.monitor): device tensors, no host sync --------------------
     @property
     def history(self) -> torch.Tensor:
