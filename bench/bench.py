@@ -18,6 +18,9 @@ Per workload, five phases (their wall times are printed and recorded):
 5. profile    a few steps of each clipping variant and its baseline under torch.profiler: the
               ops the clip adds (bench/opprofile.py)
 
+After the workloads, bench/spike.py (a gradient spike under the ZScore policy, the monitoring
+API's plot and summary in --out; --no-spike skips it).
+
 See bench/README.md for the method and how to read the output.
 """
 
@@ -35,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import opprofile  # noqa: E402
 import report  # noqa: E402
+import spike  # noqa: E402
 import timing  # noqa: E402
 import variants as V  # noqa: E402
 import workloads as W  # noqa: E402
@@ -78,6 +82,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
                    help="directory for .json/.md/.png (default bench/results)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--no-spike", action="store_true",
+                   help="skip the gradient-spike demo (bench/spike.py: GPT size "
+                        f"{spike.DEFAULT_SIZE}, {spike.DEFAULT_STEPS} steps under ZScore, "
+                        "one thread, ~1 min on this CPU) that runs after the workloads")
     p.add_argument("--quick", action="store_true",
                    help=f"development run: sizes {QUICK_SIZE} unless --size, 6 reps x 2 steps, "
                         "1 profiled step")
@@ -344,10 +352,35 @@ def main(argv=None) -> int:
         for name in args.workloads:
             results[name] = run_workload(name, args, log)
             report.table(name, results[name])
+        failed = False
+        if not args.no_spike:
+            failed = not run_spike(record, args, log)
     record.update(workloads=results, wall_s=time.perf_counter() - t0,
                   warnings=report.warning_lines(caught))
     report.write_outputs(record, Path(args.out), plot=not args.no_plot)
-    return 0
+    return 1 if failed else 0
+
+
+def run_spike(record: dict, args, log) -> bool:
+    """bench/spike.py into --out (its own files); a short summary into the record. A failure is
+    reported, the benchmark's outputs are still written, and the exit status is 1."""
+    log(f"\n== spike: GPT size {spike.DEFAULT_SIZE} under ZScore, {spike.DEFAULT_STEPS} steps "
+        "(bench/spike.py; --no-spike skips it)")
+    t = time.perf_counter()
+    try:
+        s = spike.run(Path(args.out), device=args.device, seed=args.seed, log=log)
+    except Exception as e:  # noqa: BLE001 - the workloads' results must still be written
+        import traceback
+        traceback.print_exc()
+        log(f"PROBLEM: spike failed: {type(e).__name__}: {e}")
+        record["spike"] = {"error": f"{type(e).__name__}: {e}"}
+        return False
+    record["spike"] = {k: s[k] for k in ("size", "steps", "spike_steps", "factor", "policy", "n_clipped",
+                                         "clipped_steps", "suggest_max_norm_0.95", "plot")}
+    record["spike"]["thresholds_at_spikes"] = {r["step"]: r["threshold"] for r in s["spikes"]}
+    record["spike"]["wall_s"] = time.perf_counter() - t
+    record["spike"]["files"] = f"{spike.STEM}.json, {spike.STEM}.md"
+    return True
 
 
 if __name__ == "__main__":

@@ -260,6 +260,20 @@ def markdown(record: dict) -> str:
     md += ["", "## Warnings", ""] + ([f"- `{w}`" for w in record["warnings"]] or ["- none"])
     if record.get("plot"):
         md += ["", f"![overhead ratios]({record['plot']})"]
+    sp = record.get("spike")
+    if sp:
+        md += ["", "## Gradient spike (bench/spike.py)", ""]
+        if "error" in sp:
+            md.append(f"- failed: {sp['error']}")
+        else:
+            thr = ", ".join(f"{k}: {fmt(v, '.3g', 'inf')}" for k, v in sp["thresholds_at_spikes"].items())
+            md += [f"- GPT size {sp['size']}, {sp['steps']} steps, loss x{sp['factor']:g} at steps "
+                   f"{sp['spike_steps']}; max_norm={sp['policy']}",
+                   f"- threshold at the spike steps: {thr}; {sp['n_clipped']} steps clipped "
+                   f"{sp['clipped_steps']}; suggest_max_norm(0.95) = {sp['suggest_max_norm_0.95']:.3g}; "
+                   f"{sp['wall_s']:.0f} s; details in {sp['files']}"]
+            if sp.get("plot"):
+                md += ["", f"![gradient spike]({sp['plot']})"]
     return "\n".join(md) + "\n"
 
 
@@ -319,3 +333,5 @@ def write_outputs(record: dict, out: Path, plot: bool) -> None:
     for w in record["warnings"]:
         say(f"WARNING: {w}")
     say(f"wrote {stem}.json/.md{'/.png' if record.get('plot') else ''} in {record['wall_s']:.0f} s")
+    if (record.get("spike") or {}).get("plot"):
+        say(f"gradient-spike plot (ZScore): {out / record['spike']['plot']} (summary: {out}/spike_zscore.md)")

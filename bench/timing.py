@@ -32,8 +32,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_block(fn: Callable, device: torch.device) -> float:
-    """Seconds fn takes: perf_counter on CPU, CUDA events (after a synchronize) on CUDA."""
+def time_block(fn: Callable, device: torch.device, clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds fn takes: ``clock`` (perf_counter; time.process_time for the process's CPU
+    time) on CPU, CUDA events (after a synchronize) on CUDA."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -42,9 +43,9 @@ def time_block(fn: Callable, device: torch.device) -> float:
         end.record()
         torch.cuda.synchronize()
         return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
+    t0 = clock()
     fn()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 @contextlib.contextmanager
@@ -59,11 +60,13 @@ def gc_paused():
 
 def interleaved(steps_of: dict[str, Callable[[], None]], reps: int, steps: int,
                 device: torch.device, seed: int = 0, tick: Callable[[int], None] | None = None,
-                budget_s: float | None = None, min_reps: int = 0) -> dict[str, list[float]]:
+                budget_s: float | None = None, min_reps: int = 0,
+                clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """``reps`` repetitions; in each, every entry of ``steps_of`` (one training step) runs one
     untimed step and a timed block of ``steps`` steps, in a random order. With ``budget_s``,
-    stops after the repetition that passes it (but not before ``min_reps``). Returns seconds
-    per step, one value per repetition, per name."""
+    stops after the repetition that passes it (but not before ``min_reps``; the budget is wall
+    time). Returns seconds per step (of ``clock``, see time_block), one value per repetition,
+    per name."""
     rng = np.random.default_rng(seed)
     names = list(steps_of)
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -79,7 +82,7 @@ def interleaved(steps_of: dict[str, Callable[[], None]], reps: int, steps: int,
                 def block():
                     for _ in range(steps):
                         step()
-                times[name].append(time_block(block, device) / steps)
+                times[name].append(time_block(block, device, clock) / steps)
                 if tick:
                     tick(steps + 1)
     return times
