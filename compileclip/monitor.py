@@ -164,46 +164,50 @@ class Monitor:
 
 
 class Monitors:
-    """The monitors of one clip, one per optimizer (weakly keyed), created at its first step."""
+    """The monitors of one clip, one per optimizer, created at its first step. A monitor
+    outlives its optimizer (it holds only tensors): a function that trains and returns the
+    clip still reads the history."""
 
     def __init__(self, config) -> None:
         self.config = config
-        self._by_opt: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._unowned: Monitor | None = None  # a step graph shared by several optimizers
+        self._entries: list[tuple[weakref.ref | None, Monitor]] = []  # (optimizer, its monitor)
         self._pending: dict | None = None  # load_state_dict before the first step
 
     def for_optimizer(self, opt) -> Monitor:
-        if opt is None:
-            if self._unowned is None:
-                self._unowned = Monitor(self.config)
-            return self._unowned
-        mon = self._by_opt.get(opt)
-        if mon is None:
-            mon = self._by_opt[opt] = Monitor(self.config)
-            state, self._pending = self._pending, None
-            if state is not None:
-                mon.load_state_dict(state)
+        """``opt``'s monitor (``None``: a step graph shared by several optimizers)."""
+        for ref, mon in self._entries:
+            if (ref is None and opt is None) or (ref is not None and ref() is opt and opt is not None):
+                return mon
+        mon = Monitor(self.config)
+        self._entries.append((None if opt is None else weakref.ref(opt), mon))
+        state, self._pending = self._pending, None
+        if state is not None:
+            mon.load_state_dict(state)
         return mon
 
     def get(self, opt=None) -> Monitor:
-        """``opt``'s monitor, or with ``opt=None`` the only one there is."""
+        """``opt``'s monitor, or with ``opt=None`` the only one there is (of a live optimizer,
+        or else the last one)."""
         if opt is not None:
-            if opt not in self._by_opt:
-                raise KeyError(f"compileclip: this clip has not clipped a step of this {type(opt).__name__} yet")
-            return self._by_opt[opt]
-        mons = list(self._by_opt.values()) + ([self._unowned] if self._unowned is not None else [])
-        if len(mons) > 1:
+            for ref, mon in self._entries:
+                if ref is not None and ref() is opt:
+                    return mon
+            raise KeyError(f"compileclip: this clip has not clipped a step of this {type(opt).__name__} yet")
+        if not self._entries:
+            return Monitor(self.config)
+        live = [mon for ref, mon in self._entries if ref is None or ref() is not None]
+        if len(live) > 1:
             raise RuntimeError(
-                f"compileclip: this clip clipped the steps of {len(mons)} optimizers, each with its "
+                f"compileclip: this clip clipped the steps of {len(live)} optimizers, each with its "
                 "own norm history and statistics: read them with clip.monitor(optimizer)"
             )
-        return mons[0] if mons else Monitor(self.config)
+        return live[0] if live else self._entries[-1][1]
 
     def load(self, state: dict, opt=None) -> None:
         Monitor(self.config).load_state_dict(state)  # checks it now, not at the first step
         if opt is not None:
             self.for_optimizer(opt).load_state_dict(state)
-        elif len(self._by_opt) or self._unowned is not None:
+        elif self._entries:
             self.get().load_state_dict(state)
         else:  # no step yet: the first optimizer's monitor takes it
             self._pending = state

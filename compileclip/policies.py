@@ -40,11 +40,14 @@ def _count(owner: str, name: str, value: object, low: int) -> int:
 class Percentile:
     """AutoClip (Seetharaman et al., 2020): clip at the ``q``-quantile of the gradient norms seen.
 
-    Steps ``1..warmup`` clip at ``warmup_max_norm`` (``None``: not at all). After that the
-    threshold is the ``q``-quantile (``torch.quantile``'s linear interpolation) of the finite
-    norms among the last ``window`` steps, this step's own norm included, as in the paper's
-    ``eta_c(t) = percentile(G_h(t), p)`` with ``G_h(t) = {g_1, ..., g_t}``; ``window`` bounds
-    the memory (a ring buffer of ``window`` floats on the device).
+    Until ``warmup`` finite norms were seen (this step's included) it clips at
+    ``warmup_max_norm`` (``None``: not at all). After that the threshold is the ``q``-quantile
+    (``torch.quantile``'s linear interpolation) of the last ``window`` finite norms, this
+    step's own included, as in the paper's ``eta_c(t) = percentile(G_h(t), p)`` with
+    ``G_h(t) = {g_1, ..., g_t}``; ``window`` bounds the memory (a ring buffer of ``window``
+    floats on the device). Nonfinite norms (a GradScaler overflow, a skipped step) are not
+    counted at all: so a step the scaler skips without calling ``opt.step()``, which the clip
+    never sees, changes nothing either.
     """
 
     q: float = 0.9

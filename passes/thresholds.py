@@ -25,7 +25,7 @@ _F32 = torch.float32
 def init_state(kind: str, params: Sequence[float], device: torch.device) -> list[torch.Tensor]:
     if kind == "percentile":
         window = int(params[1])
-        # the last ``window`` norms (nan: empty, or a nonfinite norm), and the steps seen
+        # the last ``window`` finite norms (nan: empty), and how many finite norms were seen
         return [torch.full((window,), math.nan, dtype=_F32, device=device),
                 torch.zeros((), dtype=torch.int64, device=device)]
     if kind == "zscore":
@@ -43,11 +43,13 @@ def _finite_or_nan(total: torch.Tensor) -> torch.Tensor:
 
 
 def _percentile_window(params, total, state) -> tuple[torch.Tensor, torch.Tensor]:
-    """The window with this step's norm in the slot of the oldest one, and that slot."""
+    """The window with this step's norm in the slot of the oldest one (a nonfinite norm leaves
+    it as it is), and whether this norm is finite."""
     buf, count = state
+    finite = torch.isfinite(total)
     pos = torch.remainder(count, buf.numel())
     slots = torch.arange(buf.numel(), device=buf.device)
-    return torch.where(slots == pos, _finite_or_nan(total), buf), pos
+    return torch.where((slots == pos) & finite, total, buf), finite
 
 
 def _zscore_spike(params, total, state) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -65,10 +67,11 @@ def threshold(kind: str, params: Sequence[float], total: torch.Tensor, state: Se
     total = total.to(_F32)
     if kind == "percentile":
         q, _, warmup, warm_max = params
-        window, _ = _percentile_window(params, total, state)
+        window, finite = _percentile_window(params, total, state)
         quant = torch.nanquantile(window, q)
         quant = torch.where(torch.isnan(quant), math.inf, quant)  # no finite norm yet
-        return torch.where(state[1] + 1 <= int(warmup), warm_max, quant)  # state[1]: steps seen
+        # state[1]: the finite norms seen before; the warm-up lasts ``warmup`` finite norms
+        return torch.where(state[1] + finite.to(state[1].dtype) <= int(warmup), warm_max, quant)
     if kind == "zscore":
         cap = params[3]
         ready, spike, spike_thr = _zscore_spike(params, total, state)
@@ -81,9 +84,9 @@ def update_(kind: str, params: Sequence[float], total: torch.Tensor, state: Sequ
     """Take this step's pre-clip norm ``total`` into the statistics (in place, on the device)."""
     total = total.to(_F32)
     if kind == "percentile":
-        window, _ = _percentile_window(params, total, state)
+        window, finite = _percentile_window(params, total, state)
         state[0].copy_(window)
-        state[1].add_(1)
+        state[1].add_(finite.to(state[1].dtype))
         return
     if kind == "zscore":
         _, alpha, warmup, _, _ = params

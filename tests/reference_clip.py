@@ -57,26 +57,29 @@ class PercentileRef(_NormPolicy):
     for Source Separation Networks", MLSP 2020.
 
     eta_c(t) = p-th percentile of G_h(t) = {||g_1||, ..., ||g_t||}: the history INCLUDES the
-    current step's norm. With the issue 10 API's warm-up and window:
+    current step's norm. With the issue 10 API's warm-up and window, counted in finite norms
+    (a nonfinite norm, e.g. a GradScaler overflow, is not part of G_h at all):
 
-    - steps 1..warmup:  thr = warmup_max_norm (inf if None)
-    - steps > warmup:   thr = torch.quantile(finite norms of the last ``window`` steps, q),
-      linear interpolation, the current norm included (inf if none is finite)
+    - until ``warmup`` finite norms were seen (this one included): thr = warmup_max_norm
+      (inf if None)
+    - after: thr = torch.quantile(the last ``window`` finite norms, q), linear interpolation,
+      the current norm included (inf if there is none)
     """
 
     def __init__(self, q: float, window: int = 1000, warmup: int = 25, warmup_max_norm: float | None = None):
         self.q, self.window, self.warmup = q, window, warmup
         self.warmup_max_norm = INF if warmup_max_norm is None else float(warmup_max_norm)
-        self.norms: list[float] = []  # every step's norm; a window counts steps, finite or not
+        self.norms: list[float] = []  # the finite norms seen
 
     def threshold(self, g: float) -> float:
-        self.norms.append(g)
+        if math.isfinite(g):
+            self.norms.append(g)
         if len(self.norms) <= self.warmup:
             return self.warmup_max_norm
-        finite = [x for x in self.norms[-self.window:] if math.isfinite(x)]
-        if not finite:
+        window = self.norms[-self.window:]
+        if not window:
             return INF
-        return float(torch.quantile(torch.tensor(finite, dtype=torch.float64), self.q))
+        return float(torch.quantile(torch.tensor(window, dtype=torch.float64), self.q))
 
 
 class ZScoreRef(_NormPolicy):
