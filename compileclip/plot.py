@@ -48,7 +48,7 @@ def plot_history(path, norms: torch.Tensor, thresholds: torch.Tensor, *, first_s
             ax.set_yscale("log")  # a spike would flatten the rest
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("gradient norm")
-    ax.set_title(textwrap.fill(title, 90), fontsize=10)
+    ax.set_title("\n".join(textwrap.fill(line, 90) for line in title.splitlines()), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8, framealpha=0.9)
     fig.tight_layout()
