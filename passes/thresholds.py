@@ -38,10 +38,6 @@ def init_state(kind: str, params: Sequence[float], device: torch.device) -> list
     raise ValueError(f"unknown threshold policy {kind!r}")
 
 
-def _finite_or_nan(total: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isfinite(total), total, math.nan)
-
-
 def _percentile_window(params, total, state) -> tuple[torch.Tensor, torch.Tensor]:
     """The window with this step's norm in the slot of the oldest one (a nonfinite norm leaves
     it as it is), and whether this norm is finite."""
