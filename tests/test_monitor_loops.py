@@ -204,3 +204,53 @@ def test_low_precision_compiled_step_warns():
     model(torch.randn(6, 8, dtype=torch.bfloat16)).float().pow(2).mean().backward()
     with pytest.warns(UserWarning, match="about one ulp of that dtype per clipped step"):
         clip.compile_step(opt)()
+
+
+@pytest.mark.parametrize("loop", ["accumulation", "fused_adam", "closure"])
+def test_policy_in_real_loops(loop):
+    """ZScore where users would take it next: two micro-batches accumulated before the step
+    (model and step compiled with one clip), a fused Adam (which Dynamo does not trace: the
+    step hook clips eagerly), and ``opt.step(closure)``. Against eager ZClip, 12 steps, a spike."""
+    torch.manual_seed(0)
+    model = small_mlp()
+    ref_model = copy.deepcopy(model)
+    if loop == "fused_adam":
+        opt, ref_opt = (torch.optim.Adam(m.parameters(), lr=1e-2, fused=True) for m in (model, ref_model))
+    else:
+        opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, ref_model))
+    clip = clip_backend(max_norm=ZScore(warmup=4))
+    ref = ZScoreRef(warmup=4)
+    run = torch.compile(model, backend=clip)
+    step = clip.compile_step(opt) if loop == "accumulation" else opt.step
+    ref_step = torch.compile(ref_opt.step) if loop == "accumulation" else ref_opt.step  # control, see test_adaptive
+    thrs = []
+    for i in range(12):
+        xs = [torch.randn(6, 8) for _ in range(2 if loop == "accumulation" else 1)]
+        scale = 30.0 if i == 8 else 1.0
+
+        def closure(m=run):
+            opt.zero_grad(set_to_none=True)
+            loss = m(xs[0]).pow(2).mean() * scale
+            loss.backward()
+            return loss
+
+        if loop == "closure":
+            step(closure)
+        else:
+            for x in xs:
+                (run(x).pow(2).mean() * scale).backward()
+            step()
+        for x in xs:
+            (ref_model(x).pow(2).mean() * scale).backward()
+        ref_norm, thr = ref.clip_(ref_model.parameters())
+        ref_step()
+        thrs.append(thr)
+        what = f"{loop} step {i}"
+        for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p, q, msg=lambda m: f"{what} param {name}: {m}")
+            torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{what} grad of {name}: {m}")
+        torch.testing.assert_close(clip.total_norm, ref_norm, msg=lambda m: f"{what} norm: {m}")
+        torch.testing.assert_close(clip.threshold, torch.tensor(thr, dtype=torch.float32))
+        opt.zero_grad(set_to_none=True)
+        ref_opt.zero_grad(set_to_none=True)
+    assert thrs[8] < float("inf") and thrs[7] == float("inf"), thrs  # the spike was clipped, others not
