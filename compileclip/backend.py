@@ -1,21 +1,26 @@
-"""The ``torch.compile`` backend: finds the parameters, adds the norm to the backward graphs,
-compiles optimizer steps with the clip inside, and registers with the step hooks."""
+"""The ``torch.compile`` backend and its public object.
+
+``ClipBackend.__call__`` receives Dynamo's graphs: a graph whose inputs include gradients is a
+compiled optimizer step (``step.py``); any other graph is a model's, whose trainable leaves and
+frame modules join the clip's scope (``scope.py``) and whose backward gets the norm of each
+gradient (``backward.py``). The clip itself happens at the optimizer step (``plan.py``).
+"""
 
 from __future__ import annotations
 
 import functools
-import weakref
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from . import clipmath, hooks, identity
+from . import hooks
+from .backward import norm_in_backward
 from .compiling import compile_graph, inductor_patches
 from .config import ClipConfig
-from .passes import insert_grad_norm
 from .runtime import ClipRuntime
-from .step import CompiledStep, compile_step_graph, is_fused, is_step_graph
+from .step import compile_step_graph, is_fused, is_step_graph, is_wrapper
+from .step_call import CompiledStep
 
 
 def _frame_modules() -> list[torch.nn.Module]:
@@ -48,91 +53,27 @@ def _has_sparse_grads(mods: list[torch.nn.Module], gm: fx.GraphModule) -> bool:
     return False
 
 
-def _grad_outputs(gm: fx.GraphModule, param_idx: dict[int, Any]) -> list[tuple[int, int]]:
-    """(backward output position, Dynamo input index) of each parameter's gradient."""
-    out = gm.graph.output_node() if hasattr(gm.graph, "output_node") else next(
-        n for n in reversed(gm.graph.nodes) if n.op == "output")
-    descs = out.meta.get("desc")
-    pairs = []
-    for pos, node in enumerate(out.args[0]):
-        if not isinstance(node, fx.Node):
-            continue
-        idx = getattr(getattr(descs[pos], "grad_of", None), "idx", None) if descs is not None else pos
-        if idx in param_idx:
-            pairs.append((pos, idx))
-    return pairs
+def sparse_error(what: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"compileclip: {what} has sparse gradients (nn.Embedding/EmbeddingBag(sparse=True)). "
+        "Eager torch.nn.utils.clip_grad_norm_ refuses them too (linalg_vector_norm has no "
+        "sparse kernel): use sparse=False, or clip those parameters yourself")
 
 
-def _norm_in_backward(rt: ClipRuntime, norm_type: float, param_idx, gm: fx.GraphModule, example_inputs, *, patches):
-    """Add the norm of the parameters' gradients to a partitioned backward graph (the
-    gradients themselves are left as they are: only the step knows they are final)."""
-    out = gm.graph.output_node() if hasattr(gm.graph, "output_node") else next(
-        n for n in reversed(gm.graph.nodes) if n.op == "output")
-    # the norm is one opaque operator (passes.norm_op) that reads the gradients as returned,
-    # bf16/fp16 ones after their rounding, as eager reads .grad (an Inductor reduction fused
-    # into the producer read them before rounding: 2.9e-5 apart on a bf16 MLP)
-    positions = _grad_outputs(gm, param_idx)
-    if not positions:
-        return example_inputs, lambda compiled: compiled
-    per_param = rt.config.per_param_norms
-    insertion = insert_grad_norm(
-        gm, [pos for pos, _ in positions], norm_type, unscale=rt.scaler is not None, parts=per_param,
-    )
-    if per_param:  # the parts come in the operator's order (by device and dtype)
-        positions = [positions[i] for i in insertion.order]
-    from torch._guards import detect_fake_mode
+class _Attachment:
+    """What ``clip.attach`` returns: ``remove()`` undoes it, as torch's hook handles do."""
 
-    fake_mode = detect_fake_mode(example_inputs)
-    device = out.args[0][-1].meta["val"].device
-    with fake_mode:
-        extra = [torch.empty((), dtype=torch.float32, device=device) for _ in insertion.placeholders]
-    grads = [(pos, weakref.ref(param_idx[idx])) for pos, idx in positions]
-    cudagraphs = bool(patches.get("triton.cudagraphs", False))
+    def __init__(self, clip, optimizer) -> None:
+        self._clip, self._optimizer = clip, optimizer
 
-    def wrap(compiled):
-        return _NormRecordingBackward(compiled, rt, device, grads, cudagraphs, per_param)
+    def remove(self) -> None:
+        self._clip._runtime.scope.detach(self._optimizer)
 
-    return [*example_inputs, *extra], wrap
+    def __enter__(self):
+        return self
 
-
-class _NormRecordingBackward:
-    """Calls the compiled backward (with the GradScaler's scale, where one is attached), strips
-    the norm it returns, and records it with the gradients it covers (``ClipRuntime.record_run``)."""
-
-    def __init__(self, compiled, runtime: ClipRuntime, device, grads: list[tuple[int, Any]], cudagraphs: bool,
-                 parts: bool = False) -> None:
-        self._boxed_call = True  # an instance attribute: AOTAutograd copies __dict__
-        self.compiled = compiled
-        self.runtime = runtime
-        self.device = device
-        # the output position of each gradient, a weak reference to its parameter, their ids
-        self.positions = [pos for pos, _ in grads]
-        self.params = tuple(pref for _, pref in grads)
-        self.ids = frozenset(id(r()) for r in self.params)
-        self.cudagraphs = cudagraphs
-        self.parts = parts  # the graph also returns each gradient's norm (per_param_norms)
-
-    def __call__(self, args: list[Any]) -> Any:
-        rt = self.runtime
-        full = [*args, rt.scale_on(self.device)] if rt.scaler is not None else list(args)
-        args.clear()  # boxed convention: the callee owns the inputs
-        outs = list(self.compiled(full))
-        parts = outs.pop() if self.parts else None
-        norm = outs.pop()
-        if self.cudagraphs:  # the next replay overwrites them
-            norm = norm.clone()
-            parts = parts.clone() if parts is not None else None
-        grads = [outs[pos] for pos in self.positions]
-        if identity.has_none(grads):  # a parameter that got no gradient this time
-            keep = [g is not None for g in grads]
-            params = tuple(r for r, k in zip(self.params, keep) if k)
-            if parts is not None:
-                parts = parts[torch.tensor([i for i, k in enumerate(keep) if k], device=parts.device)]
-            rt.record_run(norm, params, identity.ids(p for p in identity.deref(params) if p is not None),
-                          [g for g in grads if g is not None], parts)
-        else:
-            rt.record_run(norm, self.params, self.ids, grads, parts)
-        return outs
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
 
 class ClipBackend:
@@ -239,29 +180,63 @@ class ClipBackend:
         ``suggest_max_norm``, ``param_norms``, ``named_norms``, ``plot``): one per optimizer,
         so a GAN's generator and discriminator each have their own norms and policy
         statistics, as two eager clips would. The clip's own properties read the only one."""
-        return self._runtime.monitors.get(optimizer)
+        return self._runtime.monitors.get(self._group_key(optimizer))
+
+    def _group_key(self, optimizer):
+        """The monitors are kept per group: ``optimizer``'s group's key (None: the only one)."""
+        if optimizer is None:
+            return None
+        return self._runtime.scope.group(optimizer).key
 
     def state_dict(self, optimizer: torch.optim.Optimizer | None = None) -> dict:
         """The history and the policy's statistics, to save with a checkpoint."""
-        return self._runtime.monitors.get(optimizer).state_dict()
+        return self._runtime.monitors.get(self._group_key(optimizer)).state_dict()
 
     def load_state_dict(self, state: dict, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Resume from ``state_dict()``: before the first step, or any time after. Without
-        ``optimizer``, it goes to the only optimizer this clip clips (the first one to step)."""
-        self._runtime.monitors.load(state, optimizer)
+        ``optimizer``, it goes to the only group this clip clips (the first one to step)."""
+        self._runtime.monitors.load(state, self._group_key(optimizer))
 
     def compile_step(self, optimizer: torch.optim.Optimizer, **compile_kwargs) -> CompiledStep:
         """The optimizer's step, compiled with the clip folded into its update loop. Call it
         instead of ``optimizer.step()``. A fused optimizer (``fused=True``), which Dynamo does
-        not trace, steps eagerly after an eager clip."""
+        not trace, and an optimizer that steps another one (``ZeroRedundancyOptimizer``) step
+        eagerly after an eager clip."""
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"compile_step needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        rt = self._runtime
-        if is_fused(optimizer):
-            rt.add_step_optimizer(optimizer, fused=True)
-            return CompiledStep(optimizer, None, rt)
-        rt.add_step_optimizer(optimizer)
-        return CompiledStep(optimizer, torch.compile(optimizer.step, backend=self, **compile_kwargs), rt)
+        self._runtime.scope.know(optimizer)
+        if is_fused(optimizer) or is_wrapper(optimizer):
+            return CompiledStep(optimizer, None, self._runtime)
+        return CompiledStep(optimizer, torch.compile(optimizer.step, backend=self, **compile_kwargs), self._runtime)
+
+    def attach(self, optimizer: torch.optim.Optimizer, parameters=None) -> _Attachment:
+        """Tell the clip about an optimizer it cannot infer, naming the parameters as eager code
+        does. ``attach(opt)``: ``opt``'s steps are clipped, over its group (its parameters, with
+        the modules compiled with this clip whose leaves it holds), as
+        ``clip_grad_norm_(opt's parameters)`` right before ``opt.step()`` for an optimizer of
+        fp32 master copies. ``attach(opt, parameters=ps)``: ``clip_grad_norm_(ps)`` before
+        ``opt``'s steps; ``parameters=[]``: ``opt``'s steps are not clipped. Before the first
+        step. Returns a handle whose ``remove()`` undoes it."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"attach needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if parameters is not None:
+            if isinstance(parameters, torch.Tensor):
+                parameters = [parameters]
+            parameters = list(parameters)
+            bad = [type(p).__name__ for p in parameters if not isinstance(p, torch.Tensor)]
+            if bad:
+                raise TypeError(f"attach(parameters=...) takes tensors, got {', '.join(sorted(set(bad)))}")
+            if any(p.is_sparse or p.layout != torch.strided for p in parameters if p.grad is not None):
+                raise NotImplementedError(sparse_error("a parameter given to attach").args[0])
+        self._runtime.scope.attach(optimizer, parameters)
+        if not hooks.registered(self):
+            hooks.register(self)
+        return _Attachment(self, optimizer)
+
+    def remove(self) -> None:
+        """Stop clipping: this clip hears no more optimizer steps (its compiled graphs still run,
+        computing norms nobody reads). As ``RemovableHandle.remove()`` for torch's hooks."""
+        hooks.remove(self)
 
     def accumulate(self):
         """Deprecated and no longer needed: the clip runs at ``opt.step()``, over the
@@ -276,8 +251,12 @@ class ClipBackend:
     # -- the backend ----------------------------------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any], *, mode: str | None = None,
                  options: dict | None = None) -> Any:
+        from torch._dynamo.exc import RestartAnalysis
+
         try:
             return self._compile(gm, example_inputs, mode, options)
+        except RestartAnalysis:  # Dynamo's signal to trace again, not a failure
+            raise
         except BaseException:
             # Dynamo keeps a backend that raised alive: it must not take unknown optimizers
             self._runtime.failed = True
@@ -290,24 +269,18 @@ class ClipBackend:
             return compile_step_graph(self, gm, example_inputs, patches)
         mods = _frame_modules()
         if _has_sparse_grads(mods, gm):
-            raise clipmath.sparse_error("the model compiled with this clip")
-        param_idx = {
-            i: t for i, t in enumerate(example_inputs)
-            if isinstance(t, torch.nn.Parameter) and t.requires_grad
-        }
-        rt.add_modules(mods)
-        for mod in mods:
-            rt.add_params(mod.parameters())
-        rt.add_params(param_idx.values())
-        rt.graph_compiled()
+            raise sparse_error("the model compiled with this clip")
+        # the trainable leaves entering the graph: nn.Parameters and plain tensors alike
+        leaf_idx = {i: t for i, t in enumerate(example_inputs)
+                    if isinstance(t, torch.Tensor) and t.requires_grad and t.is_leaf}
+        rt.scope.add_graph(mods, leaf_idx.values())
+        rt.graphs += 1
         rewrite = None
-        if param_idx and self.config.fuse and (self.config.computes_norm or rt.scaler is not None):
+        if leaf_idx and self.config.fuse and (self.config.computes_norm or rt.scaler is not None):
             # no reference to self: AOTAutograd may keep this past torch._dynamo.reset(), and a
             # live ClipBackend hears every optimizer step (a bare runtime hears none)
-            rewrite = functools.partial(_norm_in_backward, rt, self.config.norm_type, param_idx, patches=patches)
-        compiled = compile_graph(self.config.inner, gm, example_inputs, backward_rewrite=rewrite, config_patches=patches)
-
-        return compiled
+            rewrite = functools.partial(norm_in_backward, rt, leaf_idx, patches=patches)
+        return compile_graph(self.config.inner, gm, example_inputs, backward_rewrite=rewrite, config_patches=patches)
 
 
 def clip_backend(

@@ -1,95 +1,224 @@
-"""The clip's arithmetic, eagerly, in one place (the graph passes build the same formulas):
+"""The clip's arithmetic, written once. The eager clip calls these functions on tensors; the step
+pass traces ``step_clip`` into a compiled optimizer step (they take ``torch.fx.Proxy`` values as
+well: no branch reads a tensor)::
 
-    total = ||(||g_1||_p, ..., ||g_n||_p)||_p      per-tensor norms in float32 (passes.norm_op)
-    coef  = clamp(max_norm / (total + 1e-6), max=1)
-    g_i  *= coef                                   one _foreach_mul_ per device
+    parts = (||g_1||_p, ..., ||g_n||_p)           per gradient in float32 (ops.grad_norms)
+    total = ||parts||_p                             parts in eager's order: the same bits
+    coef  = clamp((total + 1e-6)^-1 * max_norm, max=1)
+    g_i  *= coef                                    one _foreach_mul_ per (device, dtype)
     g_i   = clamp(g_i, -clip_value, clip_value)    if clip_value is set, after the norm clip
 
-DTensor gradients (FSDP2, tensor parallel) go through torch's own ``get_total_norm`` and
-``clip_grads_with_norm_``, which reduce across ranks (sum of p-th powers, MAX for inf) as eager
-``clip_grad_norm_`` does.
+``coef`` is eager's own form: ``clip_grads_with_norm_`` computes ``max_norm / (total + 1e-6)``
+with a Python float ``max_norm``, which torch evaluates as a reciprocal and a product. A true
+division by a tensor differs by one ulp for about a quarter of the norms.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
 import torch
 
-from .passes.agc import agc_factor  # the step graphs trace the same function
-from .passes.clip_step import EPS  # eager clip_grad_norm_ adds it to the norm before dividing
-from .passes.norm_op import combine, per_tensor_norms  # noqa: F401  (the graphs' arithmetic)
+from . import ops
+
+EPS = 1e-6  # eager clip_grad_norm_ adds it to the norm before dividing
 
 
-def is_dtensor(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a build without distributed
-        return False
-    return isinstance(t, DTensor)
+def group_positions(vals: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Positions of ``vals`` by (device, dtype), in order of first appearance: one operator call
+    per group, decided once (at compile time in a graph)."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, v in enumerate(vals):
+        groups.setdefault((v.device, v.dtype), []).append(i)
+    return list(groups.values())
 
 
-def sparse_error(what: str) -> NotImplementedError:
-    return NotImplementedError(
-        f"compileclip: {what} has sparse gradients (nn.Embedding/EmbeddingBag(sparse=True)). "
-        "Eager torch.nn.utils.clip_grad_norm_ refuses them too (linalg_vector_norm has no "
-        "sparse kernel): use sparse=False, or clip those parameters yourself"
-    )
+def eager_order(grads: Sequence[torch.Tensor]) -> list[int] | None:
+    """The order in which eager ``get_total_norm`` stacks the per-gradient norms (grouped by
+    device and dtype with torch's own helper), or None when it is the given order."""
+    if len({(g.device, g.dtype) for g in grads}) <= 1:
+        return None
+    from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+    grouped = _group_tensors_by_device_and_dtype([list(grads)], with_indices=True)
+    return [i for _, (_, idx) in grouped.items() for i in idx]
 
 
-def nonfinite_error(norm_type: float) -> RuntimeError:
-    return RuntimeError(
-        f"The total norm of order {norm_type} for gradients from `parameters` is "
-        "non-finite, so it cannot be clipped. To disable this error and scale the "
-        "gradients by the non-finite norm anyway, set `error_if_nonfinite=False`"
-    )
+def norms_by_group(grads: Sequence, groups: Sequence[Sequence[int]], norm_type: float, inv_scale=None) -> list:
+    """One ``compileclip::grad_norms`` call per group: a 1-D float32 tensor each."""
+    return [ops.GRAD_NORMS([grads[i] for i in pos], float(norm_type), inv_scale) for pos in groups]
 
 
-def coefficient(max_norm: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(max_norm / (total + EPS), max=1.0)
+def grad_norms(grads: Sequence[torch.Tensor], norm_type: float, inv_scale=None) -> torch.Tensor:
+    """The norm of each gradient (1-D float32, in ``grads``' order, on the first one's device)."""
+    groups = group_positions(grads)
+    pieces = norms_by_group(grads, groups, norm_type, inv_scale)
+    return stitch(pieces, [i for pos in groups for i in pos], grads[0].device)
+
+
+def stitch(pieces: Sequence, positions: Sequence[int], device) -> torch.Tensor:
+    """The concatenation of the 1-D ``pieces``, element ``k`` of which is the norm of gradient
+    ``positions[k]``, put in gradient order on ``device`` (tensors or traced values)."""
+    flat = pieces[0] if len(pieces) == 1 else torch.cat([p.to(device) for p in pieces])
+    positions = list(positions)
+    if positions == list(range(len(positions))):
+        return flat
+    inverse = [0] * len(positions)
+    for k, i in enumerate(positions):
+        inverse[i] = k
+    return flat[inverse]
+
+
+total = ops.total  # the norm of the gradients from their norms
+
+
+def coefficient(total_norm, max_norm):
+    """``clamp(max_norm / (total + 1e-6), max=1)`` in eager's own arithmetic."""
+    return torch.clamp((total_norm + EPS).reciprocal() * max_norm, max=1.0)
+
+
+def nonfinite(total_norm):
+    """1.0 where the norm is nan or inf (``|x| < inf`` is false for both), as float32."""
+    return torch.logical_not(torch.lt(torch.abs(total_norm), math.inf)).to(torch.float32)
+
+
+def inverse_scale(scale):
+    """``GradScaler.unscale_``'s inverse: the reciprocal in float64, rounded to float32."""
+    return scale.to(torch.float64).reciprocal().to(torch.float32)
 
 
 def scale_(grads: Sequence[torch.Tensor], coef: torch.Tensor) -> None:
-    groups: dict[torch.device, list[torch.Tensor]] = {}
+    """``g *= coef`` in place: one ``_foreach_mul_`` per device (eager's multiply)."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
     for g in grads:
-        groups.setdefault(g.device, []).append(g)
-    for dev, gs in groups.items():
+        by_device.setdefault(g.device, []).append(g)
+    for dev, gs in by_device.items():
         torch._foreach_mul_(gs, coef.to(dev))
 
 
-def clamp_values_(grads: Sequence[torch.Tensor], clip_value: float, keep_nonfinite: bool = False) -> None:
-    """``clip_grad_value_``; ``keep_nonfinite`` lets inf survive for a later skip decision."""
-    if not keep_nonfinite:
-        torch._foreach_clamp_min_(list(grads), -clip_value)
-        torch._foreach_clamp_max_(list(grads), clip_value)
-        return
-    for g in grads:
-        g.copy_(torch.where(g.abs() < math.inf, g.clamp(-clip_value, clip_value), g))
+def clamp_values_(grads: Sequence[torch.Tensor], clip_value: float) -> None:
+    """``clip_grad_value_``."""
+    torch._foreach_clamp_min_(list(grads), -clip_value)
+    torch._foreach_clamp_max_(list(grads), clip_value)
 
 
-def dtensor_clip_(params: Sequence[torch.Tensor], threshold_for, norm_type: float, error_if_nonfinite: bool,
-                  clip_norm: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager ``clip_grad_norm_`` over DTensor gradients, with torch's own two halves (the norm is
-    a DTensor whose reduction across ranks DTensor performs). ``threshold_for(total)`` gives
-    the step's threshold from the plain total norm. Returns (the total norm as a plain tensor,
-    the same on every rank; the threshold)."""
-    grads = [p.grad for p in params]
-    total = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite, None)
-    plain = total.full_tensor() if is_dtensor(total) else total
-    thr = threshold_for(plain)
-    if clip_norm:
-        torch.nn.utils.clip_grads_with_norm_(params, thr, plain, None)
-    return plain, thr
-
-
-def dtensor_param_norms(grads: Sequence[torch.Tensor], norm_type: float) -> torch.Tensor:
-    """The norm of each DTensor gradient (1-D float32, plain, the same on every rank)."""
-    norms = [torch.linalg.vector_norm(g, norm_type, dtype=torch.float32) for g in grads]
-    return torch.stack([n.full_tensor() if is_dtensor(n) else n for n in norms])
+def agc_factor(w: torch.Tensor, g: torch.Tensor, clipping: float, eps: float, ndim: int | None = None) -> torch.Tensor:
+    """AGC's factor for the gradient ``g`` of ``w`` (in ``g``'s dtype, broadcastable to it): 1
+    where a unit's gradient norm is below ``clipping * max(||w_unit||, eps)``, that bound over
+    the norm elsewhere; a unit is a slice along dim 0 for ``ndim >= 2``, else the whole tensor,
+    norms in float32. ``ndim``: ``w``'s, given when ``w`` is a traced value."""
+    ndim = w.ndim if ndim is None else ndim
+    if ndim <= 1:
+        wn = torch.linalg.vector_norm(w, dtype=torch.float32)
+        gn = torch.linalg.vector_norm(g, dtype=torch.float32)
+    else:
+        dims = tuple(range(1, ndim))
+        wn = torch.linalg.vector_norm(w, dim=dims, keepdim=True, dtype=torch.float32)
+        gn = torch.linalg.vector_norm(g, dim=dims, keepdim=True, dtype=torch.float32)
+    bound = torch.clamp(wn, min=eps) * clipping
+    return torch.where(gn < bound, 1.0, bound / torch.clamp(gn, min=EPS)).to(g.dtype)
 
 
 def agc_(params: Sequence[torch.Tensor], clipping: float, eps: float) -> None:
     """Unit-wise adaptive gradient clipping (NFNets) of ``params``' gradients, in place."""
     for p in params:
         p.grad.mul_(agc_factor(p.detach(), p.grad, clipping, eps))
+
+
+def dtensor_total(grads: Sequence, norm_type: float):
+    """The total norm as one reduction per gradient: for DTensor gradients (FSDP2), whose
+    sharding DTensor propagates through these ops (it has no strategy for ``grad_norms``)."""
+    p = float(norm_type)
+    parts = []
+    for g in grads:
+        g = g.to(torch.float32)
+        if math.isinf(p):
+            parts.append(torch.amax(torch.abs(g)))
+        elif p == 2.0:
+            parts.append(torch.sum(g * g))
+        else:
+            parts.append(torch.sum(torch.pow(torch.abs(g), p)))
+    out = parts[0]
+    for part in parts[1:]:
+        out = torch.maximum(out, part) if math.isinf(p) else out + part
+    if math.isinf(p) or p == 1.0:
+        return out
+    return torch.sqrt(out) if p == 2.0 else torch.pow(out, 1.0 / p)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepClipSpec:
+    """What ``step_clip`` computes, fixed when a step graph is compiled."""
+
+    norm_type: float
+    groups: tuple[tuple[int, ...], ...]  # gradient positions per (device, dtype)
+    device: torch.device  # where the total norm lives
+    devices: tuple[torch.device, ...]  # each gradient's device
+    ndims: tuple[int, ...] = ()  # each gradient's number of dimensions (AGC's units)
+    clip_norm: bool = True  # scale by the norm (else only compute it: skip or monitoring)
+    compute_norm: bool = True
+    clip_value: bool = False
+    unscale: bool = False
+    given_norm: bool = False
+    dtensor: bool = False
+    policy: tuple[str, tuple[float, ...]] | None = None
+    agc: tuple[float, float] | None = None
+    parts: bool = False
+
+
+def _on(x, dev, spec: StepClipSpec):
+    return x if dev == spec.device else x.to(dev)
+
+
+def step_clip(grads: list, inp: dict, spec: StepClipSpec, params: list | None = None) -> tuple[list, dict]:
+    """The clip of a compiled optimizer step, functional: ``(clipped gradients, outputs)``.
+
+    ``inp``: ``max_norm``, ``enabled`` (0-d bool; false: coefficient 1, the step's gradients
+    were clipped before it), and where the spec says so ``clip_value``, ``scale`` (a
+    GradScaler's, divided out first), ``total_norm`` (given: the gradients are not read for the
+    norm) and ``state`` (a policy's statistics, read only). ``params``: the parameter of each
+    gradient, for AGC. Outputs: ``total_norm`` (unless given), ``nonfinite``, and
+    ``threshold`` / ``param_norms`` for a policy / ``parts``."""
+    out: dict = {}
+    clipped = list(grads)
+    inv = None
+    if spec.unscale:
+        inv = inverse_scale(inp["scale"])
+        clipped = [g * _on(inv, d, spec) for g, d in zip(grads, spec.devices)]
+    tot = None
+    if spec.given_norm:
+        tot = inp["total_norm"]
+    elif spec.compute_norm:
+        if spec.dtensor:
+            tot = dtensor_total(clipped, spec.norm_type)
+        else:
+            both = [ops.NORMS_AND_TOTAL([grads[i] for i in pos], float(spec.norm_type), inv) for pos in spec.groups]
+            if len(both) == 1:
+                tot = both[0][1]
+            else:  # the group totals combined (one group is the common case)
+                tot = total(torch.stack([b[1].to(spec.device) for b in both]), spec.norm_type)
+            if spec.parts:
+                out["param_norms"] = stitch([b[0] for b in both], [i for pos in spec.groups for i in pos], spec.device)
+        out["total_norm"] = tot
+    if tot is not None:
+        out["nonfinite"] = nonfinite(tot)
+    max_norm = inp.get("max_norm")
+    if spec.policy is not None:
+        plain = tot.to_local() if spec.dtensor else tot
+        max_norm = out["threshold"] = ops.THRESHOLD(plain, inp["state"], spec.policy[0], list(spec.policy[1]))
+    enabled = inp["enabled"]
+    if spec.agc is not None:
+        factors = ops.MATERIALIZE([agc_factor(w, u, *spec.agc, ndim=n) for u, w, n in zip(clipped, params, spec.ndims)])
+        clipped = [u * torch.where(_on(enabled, d, spec), factors[i], 1.0)
+                   for i, (u, d) in enumerate(zip(clipped, spec.devices))]
+    elif spec.clip_norm:
+        coef = torch.where(enabled, coefficient(tot, max_norm), 1.0)
+        clipped = [u * _on(coef, d, spec) for u, d in zip(clipped, spec.devices)]
+    if spec.clip_value:
+        # also with enabled=False: a clamp applied twice is the clamp applied once
+        bound = inp["clip_value"]
+        clipped = [torch.minimum(torch.maximum(u, _on(-bound, d, spec)), _on(bound, d, spec))
+                   for u, d in zip(clipped, spec.devices)]
+    return clipped, out

@@ -1,10 +1,14 @@
-"""Hear every optimizer step: torch's global step pre- and post-hooks, registered once.
+"""Hear every optimizer step: torch's global step pre- and post-hooks, registered while a clip
+lives.
 
-The hooks run for every ``opt.step()`` of every ``torch.optim.Optimizer``. Each live clip (held
-weakly) says whether the optimizer is its own (``records.resolve_owner``): it compiled that
-optimizer's step, or a graph or module holding one of its parameters. A clip that compiled
-nothing (Dynamo ran its model eagerly) first finds its modules through the ``torch.compile``
-wrappers that hold it (``_discover``). The owner clips; an optimizer no clip knows is left alone.
+The hooks run for every ``opt.step()`` of every ``torch.optim.Optimizer``. The clip whose scope
+claims the optimizer (``scope.Scope.claims``: attached, compiled step, or holding a leaf of a
+graph it compiled) owns the step and carries out its plan. Two clips claiming one optimizer
+would clip the same gradients twice: refused. An optimizer no clip claims is left alone, unless
+a clip has run a backward whose gradients no step consumed yet: then eager code would have
+clipped this step and the clip cannot know over what, so the step raises (``clip.attach``
+tells it). A clip that compiled nothing (Dynamo ran its model eagerly) finds its modules once
+(``discover.py``).
 
 Under ``torch.compile`` of a step, Dynamo traces the hooks. Their work is a
 ``torch._dynamo.disable``d call, so it runs at run time on every step, whichever graph or
@@ -14,141 +18,119 @@ constant (``torch.compiler.is_compiling()``).
 
 from __future__ import annotations
 
-import gc
-import warnings
 import weakref
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from .records import resolve_owner
+from . import discover
 
 _clips: weakref.WeakSet = weakref.WeakSet()  # ClipBackend objects
 _handles: list = []
-# ownership is decided once per optimizer and kept until any clip learns something new
-# (parameters, graphs, steps: ``changed()``) or a clip is made
-_epoch = 0
-_owners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # opt -> (epoch, runtime ref)
+# the owner of each optimizer, decided once and kept until some clip's scope changes
+_owners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # opt -> (versions, runtime ref)
+_steps = [0]  # optimizer steps begun in this process (of any optimizer), while a clip lives
 
 
-def changed() -> None:
-    """What some clip knows changed: decide the owners of optimizers again."""
-    global _epoch
-    _epoch += 1
+def steps() -> int:
+    return _steps[0]
 
 
 def register(clip) -> None:
-    """Make ``clip`` (a ClipBackend) hear every optimizer step while it lives."""
+    """Make ``clip`` (a ClipBackend) hear every optimizer step until ``remove(clip)``."""
     _clips.add(clip)
-    changed()
     if not _handles:
         _handles.append(register_optimizer_step_pre_hook(_pre_hook))
         _handles.append(register_optimizer_step_post_hook(_post_hook))
 
 
-_BACKEND_LINKS = ("dynamo_ctx", "callback", "_torchdynamo_orig_backend", "_inner_convert", "compiler_fn")
+def remove(clip) -> None:
+    """``clip`` hears no more steps; torch's hooks go when no clip is left."""
+    _clips.discard(clip)
+    _owners.clear()
+    if not _clips:
+        while _handles:
+            _handles.pop().remove()
 
 
-def _backend_of(obj, clips: dict, depth: int = 8):
-    """The ClipBackend (among ``clips``, by id) behind a ``torch.compile`` wrapper (an
-    OptimizedModule's context, or the function ``Module.compile`` installs), following
-    Dynamo's wrappers, or None. By identity: some wrappers are not hashable."""
-    for _ in range(depth):
-        if id(obj) in clips:
-            return clips[id(obj)]
-        nxt = next((getattr(obj, a) for a in _BACKEND_LINKS if getattr(obj, a, None) is not None), None)
-        if nxt is None and callable(obj) and getattr(obj, "__closure__", None):
-            # Module.compile's function closes over the Dynamo context
-            nxt = next((c.cell_contents for c in obj.__closure__
-                        if hasattr(c.cell_contents, "callback")), None)
-        if nxt is None:
-            return None
-        obj = nxt
-    return None
+def registered(clip) -> bool:
+    return clip in _clips
 
 
-def _discover(runtimes) -> None:
-    """Clips that compiled nothing (Dynamo ran their model eagerly: a module it skips, its
-    recompile limit) learn their modules from the ``torch.compile`` wrappers that hold them:
-    ``torch.compile(model, backend=clip)`` and ``model.compile(backend=clip)``."""
-    wanted = {id(rt) for rt in runtimes}
-    clips = {id(c): c for c in list(_clips)}
-    with warnings.catch_warnings():  # touching every object wakes deprecated ones
-        warnings.simplefilter("ignore")
-        _scan(wanted, clips)
-
-
-def _scan(wanted: set, clips: dict) -> None:
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    for obj in gc.get_objects():
-        try:
-            if isinstance(obj, OptimizedModule):
-                mod, link = obj._orig_mod, obj.dynamo_ctx
-            elif isinstance(obj, torch.nn.Module) and getattr(obj, "_compiled_call_impl", None) is not None:
-                mod, link = obj, obj._compiled_call_impl
-            else:
-                continue
-            clip = _backend_of(link, clips)
-        except ReferenceError:  # a weak proxy whose object is gone
-            continue
-        if clip is not None and id(clip._runtime) in wanted:
-            clip._runtime.add_modules([mod])
-
-
-def _decide(opt):
-    clips = list(_clips)
-    strong = [c._runtime for c in clips if c._runtime.knows(opt)]
-    graphless = [c._runtime for c in clips if c._runtime.graphless]
-    if not strong and graphless:
-        _discover(graphless)
-        strong = [c._runtime for c in clips if c._runtime.knows(opt)]
-    return resolve_owner(strong)
+def _versions(clips) -> tuple:
+    return tuple((id(c), c._runtime.scope.version, c._runtime.failed) for c in clips)
 
 
 def owner_of(opt):
-    """The runtime that clips ``opt``'s steps, or None; raises when it is ambiguous. Cached
-    per optimizer until what some clip knows changes."""
+    """The runtime that clips ``opt``'s steps, or None. Raises where the clip cannot know what
+    eager code would do (two clips, or an unknown optimizer after a backward of a clip)."""
+    clips = list(_clips)
+    versions = _versions(clips)
     cached = _owners.get(opt)
-    if cached is not None and cached[0] == _epoch:
-        rt = cached[1]() if cached[1] is not None else None
-        if rt is not None or cached[1] is None:
-            return rt
-    owner, error = _decide(opt)
-    if error is not None:
-        raise RuntimeError(f"compileclip: {error}.")
-    _owners[opt] = (_epoch, weakref.ref(owner) if owner is not None else None)
+    if cached is not None and cached[0] == versions:
+        owner = cached[1]() if cached[1] is not None else None
+        if cached[1] is None or owner is not None:
+            if owner is None:
+                _pending_error(clips, opt)
+            return owner
+    claiming = [c for c in clips if c._runtime.scope.claims(opt)]
+    if not claiming and discover.find_modules(clips, opt):
+        claiming = [c for c in clips if c._runtime.scope.claims(opt)]
+        versions = _versions(clips)
+    if len(claiming) > 1:
+        raise RuntimeError(
+            f"compileclip: {len(claiming)} clip backends cover the parameters of this "
+            f"{type(opt).__name__} (one compiled the model, another the step?). Each would clip the "
+            "same gradients: use one clip object for the model and the step.")
+    owner = claiming[0]._runtime if claiming else None
+    _owners[opt] = (versions, weakref.ref(owner) if owner is not None else None)
+    if owner is None:
+        _pending_error(clips, opt)
     return owner
+
+
+def _pending_error(clips, opt) -> None:
+    """Raise if a clip ran a backward since the last optimizer step (of any optimizer), whose
+    gradients are still ``.grad`` and no optimizer of the clip will consume, while ``opt``,
+    which no clip knows, steps: eager code would have clipped before this step (``opt`` holds
+    fp32 master copies?), and the clip cannot tell over what."""
+    for c in clips:
+        rt = c._runtime
+        pending = rt.pending()
+        if not pending or rt.consumed_by_known(pending):
+            continue
+        discover.find_optimizers(rt)  # the first iteration: its own optimizer has not stepped yet
+        if rt.consumed_by_known(pending):
+            continue
+        raise RuntimeError(
+            f"compileclip: {type(opt).__name__}.step() updates parameters that this clip does not "
+            f"know, after a backward of {rt.scope.describe()} (compiled with it) whose gradients no "
+            "optimizer will consume. Eager code would clip right before this step, and the clip "
+            "cannot tell over which parameters (fp32 master copies of the model's parameters?). "
+            "Tell it before the first step: clip.attach(optimizer) clips this optimizer's "
+            "parameters, as clip_grad_norm_(optimizer's parameters) before its step; "
+            "clip.attach(optimizer, parameters=[...]) clips the parameters you name; "
+            "clip.attach(optimizer, parameters=[]) leaves its steps unclipped.")
 
 
 @torch._dynamo.disable
 def _on_pre(opt, args, kwargs, compiled_frame: bool):
     if not _clips:
         return None
+    _steps[0] += 1
     rt = owner_of(opt)
     if rt is None:
         return None
-    out = rt.begin_step(opt, args, kwargs, compiled_frame)
-    # it knows the optimizer only from modules Dynamo ran eagerly (found by _discover)
-    rt.open_step.graphless_owner = rt.graphs == 0 and len(rt.modules) > 0
-    return out
+    return rt.begin_step(opt, args, kwargs, compiled_frame)
 
 
 @torch._dynamo.disable
 def _on_post(opt) -> None:
     for clip in list(_clips):
         rt = clip._runtime
-        rec = rt.open_step
-        if rec is not None and rec.optimizer() is opt:
+        if rt.open is not None and (rt.nested or rt.open.optimizer() is opt):
             rt.end_step(opt)
-            if rec.graphless_owner and rt.graphs == 0:  # the step did not compile a graph either
-                rt.warn_once(
-                    "graphless",
-                    "this clip has compiled no graph (Dynamo ran its model eagerly: a module it "
-                    "skips such as nn.LSTM, or its recompile limit). It clipped the step of "
-                    f"{type(opt).__name__} eagerly instead, over that optimizer's parameters "
-                    "(the same result as eager clip_grad_norm_, without the fusion)",
-                )
+            discover.warn_if_graphless(rt, opt)
 
 
 # Dynamo traces these two: they read no mutable state (a guard on the set of clips would

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .passes import thresholds
+from . import thresholds
 from .policies import AGC, Percentile, ZScore
 
 

@@ -1,112 +1,102 @@
-"""Plain records of what happened, and the pure decisions taken from them.
+"""Records of the backward graphs' norms, and which of them a step may use.
 
-Eager PyTorch clips right before ``opt.step()``: over every gradient that step will use, after
-everything that writes ``.grad`` has happened. compileclip takes its decisions at the same
-moment, from two kinds of record:
+A ``BackwardRun`` is one run of a compiled backward graph: the norm of each gradient it
+produced, and which tensors those gradients were. Its norm stands for a parameter's ``.grad``
+only while ``.grad`` is that very tensor with an unchanged version counter: a second backward
+(accumulation), an eager loss term on the same parameters, FSDP2's reduce-scatter or a user's
+in-place edit all break that. Writers that move no version counter (c10d collectives,
+``GradScaler.unscale_``'s kernel) are the step plan's business (``plan.StepFacts.trusted``).
 
-- ``GraphRun``: one run of a compiled backward graph. It computed the norm of the gradients it
-  produced, and remembers which tensors those were (weakly) and their version counters.
-- ``StepRecord``: one optimizer step. Opened by torch's global step pre-hook, closed by the
-  post-hook; it says which ``Path`` clips that step.
-
-Nothing here touches tensors or torch state: the functions take facts (ids, flags) and return
-decisions, so that they can be tested as a table (``tests/test_decisions.py``).
+``assign_norms`` is the pure decision: which parameter's norm comes from which run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
+import operator
 import weakref
 from collections.abc import Sequence
 
 import torch
 
-
-class Path(enum.Enum):
-    """Who clips one optimizer step."""
-
-    IN_GRAPH = "in_graph"  # the step graph this clip compiled: the scale folds into the update
-    EAGER = "eager"  # before the optimizer runs: norm, then one _foreach_mul_ per device
-    AFTER_CLOSURE = "after_closure"  # step(closure): after the closure's backward returns
+from . import identity
 
 
 @dataclasses.dataclass(frozen=True)
-class GraphRun:
-    """One run of a compiled backward graph: the norm of the gradients it produced.
+class BackwardRun:
+    """``pieces``: the 1-D float32 norms the graph returned (one per device and dtype), whose
+    concatenation holds the norm of ``params[k]``'s gradient at ``k``; ``grads``: the tensors
+    autograd stored as those ``.grad``; ``versions``: their version counters then."""
 
-    Per gradient, in the same order: ``params``, a weak reference to the parameter;
-    ``grads``, the tensor the graph returned, which autograd stored as that parameter's
-    ``.grad``; ``versions``, that tensor's version counter when the graph returned it. The
-    norm stands for a parameter's ``.grad`` only while ``.grad`` is that very tensor,
-    unchanged (see ``ClipRuntime.intact``). ``ids``: the parameters' ids."""
-
-    norm: torch.Tensor
+    pieces: tuple[torch.Tensor, ...]
     params: tuple[weakref.ref, ...]
     grads: tuple[torch.Tensor, ...]
-    versions: list[int]
-    ids: frozenset[int]
-    parts: torch.Tensor | None = None  # per_param_norms: each gradient's norm, in ``params``' order
+    versions: tuple[int, ...]
+    steps: int = 0  # optimizer steps begun in the process before this run (hooks.steps)
+
+    def intact(self) -> list[bool]:
+        """Per gradient: still its parameter's ``.grad``, unchanged (batched checks)."""
+        params = identity.deref(self.params)
+        now = [None if p is None else p.grad for p in params]
+        same = list(map(operator.is_, now, self.grads))
+        vers = identity.versions(self.grads)
+        return [s and v == w for s, v, w in zip(same, vers, self.versions)]
+
+    def changed_in_place(self) -> list[bool]:
+        """Per gradient: still its parameter's ``.grad``, but written in place since."""
+        params = identity.deref(self.params)
+        now = [None if p is None else p.grad for p in params]
+        vers = identity.versions(self.grads)
+        return [n is g and v != w for n, g, v, w in zip(now, self.grads, vers, self.versions)]
 
 
-@dataclasses.dataclass
-class StepRecord:
-    """One optimizer step, from the pre-hook to the post-hook."""
-
-    optimizer: weakref.ref
-    path: Path
-    # the norm handed to a compiled step (all of its gradients covered by backward graphs)
-    handed_norm: torch.Tensor | None = None
-    done: bool = False  # the clip was applied (by the hook, the closure, or the step graph)
-    graphless_owner: bool = False  # the clip had compiled no graph when the step began
-
-
-def choose_path(*, compiled_frame: bool, has_step_graph: bool, closure: bool, fuse: bool) -> Path:
-    """Who clips this step.
-
-    ``compiled_frame``: the step was called from code Dynamo compiled (a trace-time constant
-    of the pre-hook). ``has_step_graph``: this clip compiles this optimizer's step (the step
-    graph then holds the clip). A closure runs the backward inside the step, so the clip
-    waits for it, whatever else holds.
-    """
-    if closure:
-        return Path.AFTER_CLOSURE
-    if compiled_frame and has_step_graph and fuse:
-        return Path.IN_GRAPH
-    return Path.EAGER
+def assign_norms(runs: Sequence[Sequence[tuple[int, bool]]], wanted: Sequence[int]) -> list[tuple[int, int] | None]:
+    """Where the norm of each wanted parameter comes from: ``(run, position)`` of an intact
+    entry, or None (computed at the step). ``runs``: per run, ``(parameter id, intact)`` per
+    gradient. Two runs cannot both be intact for one parameter (only one of them returned the
+    tensor that is its ``.grad``); a later run wins if that ever happens."""
+    source: dict[int, tuple[int, int]] = {}
+    for r, entries in enumerate(runs):
+        for k, (pid, ok) in enumerate(entries):
+            if ok:
+                source[pid] = (r, k)
+    return [source.get(pid) for pid in wanted]
 
 
-def resolve_owner(strong: Sequence[object]) -> tuple[object | None, str | None]:
-    """Which clip clips an optimizer's step: (owner, error). ``strong``: the clips that know
-    this optimizer (its step was compiled with them) or one of its parameters (from a
-    compiled graph, or a module compiled with the clip). Two would clip the same gradients
-    twice."""
-    if len(strong) > 1:
-        return None, (
-            f"{len(strong)} clip backends cover the parameters of this optimizer (one compiled "
-            "the model, another the step?). Each would clip the same gradients: use one clip "
-            "object for the model and the step"
-        )
-    return (strong[0] if strong else None), None
+def ordered_norms(runs: Sequence[BackwardRun], params: Sequence[torch.Tensor], norm_type: float,
+                  inv_scale=None, trusted: bool = True):
+    """The norm of each of ``params``' gradients (1-D float32, in ``params``' order): from the
+    intact entries of ``runs`` where ``trusted``, computed now for the rest. Returns (norms,
+    how many came from the backward)."""
+    from . import clipmath
 
-
-def plan_norm(
-    runs: Sequence[tuple[frozenset[int], bool]], step_ids: frozenset[int]
-) -> tuple[list[int], frozenset[int]]:
-    """Which backward norms a step can use, and which gradients it must norm itself.
-
-    ``runs``: per ``GraphRun``, the ids of its parameters and whether all its gradients are
-    still the ``.grad`` of those parameters, unchanged. A run is used
-    when it is intact, lies inside the step's parameters and overlaps no other candidate (a
-    parameter whose gradient two runs claim is summed from both, so neither norm is its
-    norm). Returns the indices of the used runs and the ids left to norm at the step.
-    """
-    candidates = [i for i, (ids, ok) in enumerate(runs) if ok and ids and ids <= step_ids]
-    clash: set[int] = set()
-    for k, i in enumerate(candidates):  # pairwise: few graphs, each with many parameters
-        for j in candidates[k + 1:]:
-            if not runs[i][0].isdisjoint(runs[j][0]):
-                clash.update((i, j))
-    used = [i for i in candidates if i not in clash]
-    covered = frozenset().union(*(runs[i][0] for i in used)) if used else frozenset()
-    return used, step_ids - covered
+    ids = [id(p) for p in params]
+    if trusted and runs:
+        entries = [list(zip((id(r()) for r in run.params), run.intact())) for run in runs]
+        sources = assign_norms(entries, ids)
+    else:
+        sources = [None] * len(ids)
+    left = [p.grad for p, s in zip(params, sources) if s is None]
+    device = params[0].grad.device
+    if not runs or len(left) == len(params):
+        return clipmath.grad_norms(left, norm_type, inv_scale), 0
+    used = sorted({r for s in sources if s is not None for r, _ in [s]})
+    offsets, pieces, base = {}, [], 0
+    for r in used:
+        offsets[r] = base
+        pieces.extend(runs[r].pieces)
+        base += len(runs[r].params)
+    if left:
+        pieces.append(clipmath.grad_norms(left, norm_type, inv_scale))
+    positions, k = [], base
+    for s in sources:
+        if s is None:
+            positions.append(k)
+            k += 1
+        else:
+            positions.append(offsets[s[0]] + s[1])
+    # ``stitch`` puts element k at position positions[k]; here element i comes from positions[i]
+    flat = pieces[0].to(device) if len(pieces) == 1 else torch.cat([p.to(device) for p in pieces])
+    if positions != list(range(len(positions))) or len(positions) != flat.numel():
+        flat = flat[torch.tensor(positions, device=device)]
+    return flat, len(params) - len(left)

@@ -262,7 +262,7 @@ def test_clip_adds_only_the_norm_loops(name, foreach):
     plain, _ = _step_kernels(name, foreach, lambda s: "inductor")
     clipped, code = _step_kernels(name, foreach, lambda s: clip_backend(ACTIVE))
     assert clipped == plain + 1, (plain, clipped)
-    assert code.count("torch.ops.compileclip.total_norm.default(") == 1
+    assert code.count("torch.ops.compileclip.norms_and_total.default(") == 1
     same_as_clipped = {
         "no write-back": _step_kernels(name, foreach, lambda s: clip_backend(ACTIVE, step_writes_grad=False)),
         "skip_nonfinite": _step_kernels(name, foreach, lambda s: clip_backend(ACTIVE, skip_nonfinite=True)),

@@ -6,9 +6,9 @@ list of device tensors (``init_state``). Per step:
     thr = threshold(kind, params, total, state)     # pure: reads the state before this step
     update_(kind, params, total, state)             # after the clip, in place
 
-``threshold`` is also the operator ``compileclip::threshold``, which the step pass inserts into
-a compiled step graph after the total norm (``THRESHOLD``): the graph and the eager clip call
-the same function, so their thresholds are the same bits. Everything is ``torch.where`` on
+``threshold`` is also the operator ``compileclip::threshold`` (``compileclip.ops``), which the
+step graph calls after the total norm: the graph and the eager clip call the same function, so
+their thresholds are the same bits. Everything is ``torch.where`` on
 0-d tensors: the branches of the policies never reach the host.
 """
 
@@ -107,22 +107,3 @@ def update_(kind: str, params: Sequence[float], total: torch.Tensor, state: Sequ
         n.copy_(new_n)
         return
     raise ValueError(f"unknown threshold policy {kind!r}")
-
-
-_LIB = torch.library.Library("compileclip", "FRAGMENT")
-_LIB.define("threshold(Tensor total, Tensor[] state, str kind, float[] params) -> Tensor")
-
-
-def _threshold_op(total, state, kind, params):
-    return threshold(kind, params, total, state)
-
-
-_LIB.impl("threshold", _threshold_op, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("compileclip::threshold")
-def _(total, state, kind, params):
-    return total.new_empty((), dtype=_F32)
-
-
-THRESHOLD = torch.ops.compileclip.threshold.default

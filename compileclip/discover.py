@@ -1,0 +1,106 @@
+"""A fallback for clips that compiled nothing: Dynamo ran their model eagerly (a module it skips,
+such as ``nn.LSTM`` up to torch 2.14, or its recompile limit in a sweep), so the backend never
+ran and the clip knows no leaf. The modules it was given to are found through the
+``torch.compile`` wrappers that hold it (``torch.compile(model, backend=clip)``,
+``model.compile(backend=clip)``): a scan of the objects the garbage collector tracks.
+
+The same scan finds the optimizers of a clip that no step has shown it yet (``find_optimizers``),
+when an optimizer it does not know steps right after one of its backwards.
+
+Bounded: a scan runs only when an optimizer that no clip claims steps while a clip that has
+compiled nothing lives (at most once per such optimizer and set of those clips), or right after
+a backward of a clip that knows no optimizer for its gradients (at most once per change of its
+scope). Measured in ``bench/scope_overhead.py``. Nothing else on the step path looks at the heap.
+"""
+
+from __future__ import annotations
+
+import gc
+import warnings
+import weakref
+
+import torch
+
+_scanned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # opt -> ids of the clips scanned for
+_searched: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # runtime -> scope version searched at
+_LINKS = ("dynamo_ctx", "callback", "_torchdynamo_orig_backend", "_inner_convert", "compiler_fn")
+
+
+def _graphless(clips) -> list:
+    return [c for c in clips if not c._runtime.failed and c._runtime.graphs == 0 and not c._runtime.scope.units]
+
+
+def find_modules(clips, opt) -> bool:
+    """Let each clip that compiled nothing learn the modules it was given to; True if one did."""
+    waiting = _graphless(clips)
+    key = frozenset(id(c) for c in waiting)
+    if not waiting or _scanned.get(opt) == key:
+        return False
+    _scanned[opt] = key
+    by_id = {id(c): c for c in waiting}
+    found = False
+    with warnings.catch_warnings():  # touching every object wakes deprecated ones
+        warnings.simplefilter("ignore")
+        for mod, clip in _wrapped_modules(by_id):
+            clip._runtime.scope.add_graph([mod], [])
+            found = True
+    return found
+
+
+def _wrapped_modules(clips: dict):
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, OptimizedModule):
+                mod, link = obj._orig_mod, obj.dynamo_ctx
+            elif isinstance(obj, torch.nn.Module) and getattr(obj, "_compiled_call_impl", None) is not None:
+                mod, link = obj, obj._compiled_call_impl
+            else:
+                continue
+            clip = _backend_of(link, clips)
+        except ReferenceError:  # a weak proxy whose object is gone
+            continue
+        if clip is not None:
+            yield mod, clip
+
+
+def _backend_of(obj, clips: dict, depth: int = 8):
+    """The clip (among ``clips``, by id) behind a ``torch.compile`` wrapper, following Dynamo's
+    wrappers, or None. By identity: some wrappers are not hashable."""
+    for _ in range(depth):
+        if id(obj) in clips:
+            return clips[id(obj)]
+        nxt = next((getattr(obj, a) for a in _LINKS if getattr(obj, a, None) is not None), None)
+        if nxt is None and callable(obj) and getattr(obj, "__closure__", None):
+            # Module.compile's function closes over the Dynamo context
+            nxt = next((c.cell_contents for c in obj.__closure__ if hasattr(c.cell_contents, "callback")), None)
+        if nxt is None:
+            return None
+        obj = nxt
+    return None
+
+
+def find_optimizers(rt) -> None:
+    """The optimizers that hold leaves of ``rt``'s scope become known to it: an unknown optimizer
+    is stepping after a backward of the clip, before any optimizer of the clip's own stepped (the
+    first iteration of a loop that steps another model's optimizer first). Once per scope."""
+    if _searched.get(rt) == rt.scope.version:
+        return
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.optim.Optimizer) and rt.scope.claims(obj):
+                rt.scope.know(obj)
+        except ReferenceError:  # a weak proxy whose object is gone
+            continue
+    _searched[rt] = rt.scope.version
+
+
+def warn_if_graphless(rt, opt) -> None:
+    if rt.graphs == 0 and rt.scope.units:
+        rt.warn_once(
+            "graphless",
+            "this clip has compiled no graph (Dynamo ran its model eagerly: a module it skips such "
+            "as nn.LSTM, or its recompile limit). It clipped the step of "
+            f"{type(opt).__name__} eagerly instead, over the group's parameters (the same result "
+            "as eager clip_grad_norm_, without the fusion)")

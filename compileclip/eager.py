@@ -1,0 +1,273 @@
+"""Carrying out a step plan outside a graph: the eager clip of a group, as ``clip_grad_norm_``.
+
+``carry_out`` does what the plan says at the pre-hook. The eager clip (``clip_group``) is
+eager's own arithmetic (``clipmath``) over the group's gradients: their norms from the backward
+graphs where the records prove them (``records.ordered_norms``) and computed here for the rest,
+stacked in the order eager's ``get_total_norm`` stacks them, so that the total norm, the
+coefficient and the clipped gradients are eager's bits. DTensor gradients (FSDP2, tensor
+parallel) go through torch's own ``get_total_norm`` and ``clip_grads_with_norm_``, which reduce
+across ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import weakref
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import clipmath, identity, records
+from .plan import Action, Unscale
+
+if TYPE_CHECKING:
+    from .runtime import ClipRuntime, OpenStep
+
+
+def is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a build without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+_SCALER_FRAMES = 12  # facts <- begin_step <- hooks (3) <- Optimizer.step's wrappers (1-3) <- GradScaler
+
+
+def _called_from_grad_scaler() -> bool:
+    """Whether this step was called by ``GradScaler.step``, which unscaled the gradients in
+    place without moving their version counters. A bounded look at the callers' code objects
+    (no frame locals): torch gives no other sign of it."""
+    codes = _scaler_codes()
+    f = sys._getframe(1)
+    for _ in range(_SCALER_FRAMES):
+        if f is None:
+            return False
+        if f.f_code in codes:
+            return True
+        f = f.f_back
+    return False
+
+
+def _scaler_codes() -> frozenset:
+    from torch.amp import GradScaler
+
+    return frozenset(fn.__code__ for fn in (GradScaler.step, GradScaler._maybe_opt_step))
+
+
+def trusted(rt: ClipRuntime) -> bool:
+    """Nothing wrote the gradients without moving their version counters: c10d collectives
+    (DDP's reducer, FSDP, ``dist.all_reduce(p.grad)``) and ``GradScaler.unscale_``'s kernel do
+    (measured on torch 2.13). With a scaler attached, the backward's norms are of the unscaled
+    gradients already."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return False
+    return rt.scaler is not None or not _called_from_grad_scaler()
+
+
+def covered(rt: ClipRuntime, params: list) -> bool:
+    """Every one of ``params``' gradients has an intact backward record."""
+    if not rt.runs or not params:
+        return False
+    ok = {id(r()) for run in rt.runs for r, good in zip(run.params, run.intact()) if good}
+    return all(id(p) in ok for p in params)
+
+
+def carry_out(rt: ClipRuntime, step: OpenStep, opt, args: tuple, kwargs: dict):
+    """Do at the pre-hook what ``step.plan`` says. Returns new (args, kwargs) for a closure."""
+    action = step.plan.action
+    if action is Action.EAGER:
+        clip_group(rt, step, opt)
+    elif action is Action.IN_GRAPH and step.plan.hand_norm:
+        hand_norm(rt, step, opt)
+    elif action is Action.ALREADY and step.plan.sync_skip:
+        if rt.scaler is not None:  # the step stands in for scaler.step(opt)
+            step.scaler_state = rt.scaler._per_optimizer_states[id(opt)]
+        if bool(rt.marked_skip):
+            _hide(step, identity.step_params(opt))
+    elif action is Action.AFTER_CLOSURE:
+        return _wrap_closure(rt, step, opt, args, kwargs)
+    return None
+
+
+def _wrap_closure(rt, step, opt, args, kwargs):
+    closure = args[1] if len(args) > 1 else kwargs["closure"]
+
+    @torch._dynamo.disable  # a compiled step traces its closure: the clip stays eager
+    def clip_now():
+        clip_group(rt, step, opt)
+
+    def clipped_closure():
+        with torch.enable_grad():
+            loss = closure()
+        clip_now()
+        return loss
+
+    if len(args) > 1:
+        return (args[0], clipped_closure, *args[2:]), kwargs
+    return args, {**kwargs, "closure": clipped_closure}
+
+
+def _hide(step: OpenStep, params) -> None:
+    """A skipped step: an optimizer skips parameters without a gradient, so hide them for this
+    step (``end_step`` gives them back); ``.grad`` holds what eager's clip leaves."""
+    step.hidden = [(p, p.grad) for p in params]
+    for p in params:
+        p.grad = None
+
+
+def _unscale(rt: ClipRuntime, step: OpenStep, opt, params) -> bool:
+    """The plan's GradScaler action; returns whether the step overflowed (a host read, as
+    ``scaler.step``'s)."""
+    if step.plan.unscale is Unscale.SCALER:
+        # the step stands in for scaler.step(opt), as in eager's recipe: unscale_ (which records
+        # found_inf for scaler.update()) the group's optimizers, clip, skip on overflow, STEPPED
+        from torch.amp.grad_scaler import OptState
+
+        overflow = False
+        for o in step.group.optimizers:
+            state = rt.scaler._per_optimizer_states[id(o)]
+            if state["stage"] is OptState.READY:
+                rt.scaler.unscale_(o)
+            overflow = overflow or bool(sum(float(v) for v in state["found_inf_per_device"].values()))
+        step.scaler_state = rt.scaler._per_optimizer_states[id(opt)]
+        return overflow
+    if step.plan.unscale is Unscale.GRAD_SCALE:
+        # GradScaler.step set grad_scale for a fused kernel to divide by: unscale as unscale_
+        # does, so that the clip sees eager's gradients, and let the kernel divide by nothing
+        inv = clipmath.inverse_scale(opt.grad_scale)
+        found = torch.zeros(1, device=inv.device)
+        torch._amp_foreach_non_finite_check_and_unscale_([p.grad for p in params], found, inv.reshape(1))
+        opt.grad_scale = None
+    return False
+
+
+def group_norms(rt: ClipRuntime, params: list, use_backward: bool) -> torch.Tensor:
+    """The norm of each of ``params``' gradients, in their order (see ``records``)."""
+    parts, from_backward = records.ordered_norms(rt.runs, params, rt.config.norm_type, trusted=use_backward)
+    rt.stats["norm_from_backward" if from_backward == len(params) else "norm_at_step"] += 1
+    if use_backward and rt.runs and from_backward == 0:
+        _warn_if_changed_in_place(rt, params)
+    return parts
+
+
+def _warn_if_changed_in_place(rt: ClipRuntime, params: list) -> None:
+    ids = {id(p) for p in params}
+    changed = [c for run in rt.runs for r, c in zip(run.params, run.changed_in_place()) if id(r()) in ids]
+    if changed and all(changed):
+        rt.warn_once(
+            "changed_in_place",
+            "the gradients were changed in place between backward() and the optimizer step (by "
+            "another gradient clip, such as torch.nn.utils.clip_grad_norm_, the HF Trainer's "
+            "max_grad_norm or Lightning's gradient_clip_val, or by code of your own). compileclip "
+            "clips at the step, over the gradients as they are then: clip.total_norm is their "
+            "norm after that change, and with two clips the smaller max_norm wins. If it is "
+            "another clip, turn it off (max_grad_norm=0, gradient_clip_val=None, or remove the call)")
+
+
+def total_of(parts: torch.Tensor, grads: list, norm_type: float) -> torch.Tensor:
+    """The total norm, the parts stacked in eager ``get_total_norm``'s order."""
+    order = clipmath.eager_order(grads)
+    return clipmath.total(parts if order is None else parts[torch.tensor(order, device=parts.device)], norm_type)
+
+
+def clip_group(rt: ClipRuntime, step: OpenStep, opt) -> None:
+    """The eager clip of ``step``'s group: ``clip_grad_norm_`` then ``clip_grad_value_``."""
+    cfg = rt.config
+    params = [p for p in step.group.params if p.grad is not None]
+    if not params:
+        return
+    skip = _unscale(rt, step, opt, params)
+    mon = rt.monitor(step.group)
+    grads = [p.grad for p in params]
+    if is_dtensor(grads[0]):
+        _clip_dtensors(rt, params, mon)
+    elif cfg.computes_norm:
+        parts = group_norms(rt, params, step.plan.use_backward)
+        total = total_of(parts, grads, cfg.norm_type)
+        if mon.per_param:
+            mon.record_param_norms(parts, [weakref.ref(p) for p in params])
+        if cfg.error_if_nonfinite and not bool(torch.isfinite(total)):
+            rt.total_norm = total
+            raise RuntimeError(
+                f"The total norm of order {cfg.norm_type} for gradients from `parameters` is "
+                "non-finite, so it cannot be clipped. To disable this error and scale the "
+                "gradients by the non-finite norm anyway, set `error_if_nonfinite=False`")
+        skip = skip or (cfg.skip_nonfinite and not bool(torch.isfinite(total)))
+        thr = threshold_for(rt, total, mon)
+        if mon.agc is not None:
+            clipmath.agc_(params, mon.agc.clipping, mon.agc.eps)
+        elif cfg.max_norm is not None:
+            clipmath.scale_(grads, clipmath.coefficient(total, _eager_max_norm(cfg, thr)))
+        rt.finish(total, thr, mon)
+    if cfg.clip_value is not None:
+        clipmath.clamp_values_(grads, cfg.clip_value)
+    if skip:
+        rt.count_skipped(torch.ones((), device=grads[0].device))
+        step.skipped = True
+        _hide(step, params)
+    step.clipped = True
+    rt.consume_runs({id(p) for p in params})
+
+
+def _eager_max_norm(cfg, thr: torch.Tensor):
+    """A number ``max_norm`` as eager passes it (a Python float); a threshold tensor otherwise."""
+    return cfg.max_norm if isinstance(cfg.max_norm, float) else thr
+
+
+def threshold_for(rt: ClipRuntime, total: torch.Tensor, mon) -> torch.Tensor:
+    """This step's threshold (0-d float32 on ``total``'s device): the policy's (with ``mon``'s
+    statistics), a fixed ``max_norm``, nan for AGC (no global threshold)."""
+    if mon.policy is not None:
+        return mon.policy_threshold(total)
+    if mon.agc is not None:
+        return rt.const("nan", math.nan, torch.float32, total.device)
+    return rt.max_norm_on(total.device)
+
+
+def hand_norm(rt: ClipRuntime, step: OpenStep, opt) -> None:
+    """IN_GRAPH over part of a group: the group's norm now, handed to the step graph; the
+    group's gradients that the graph does not see are clipped here."""
+    cfg = rt.config
+    params = [p for p in step.group.params if p.grad is not None]
+    grads = [p.grad for p in params]
+    mon = rt.monitor(step.group)
+    parts = group_norms(rt, params, step.plan.use_backward)
+    total = step.handed = total_of(parts, grads, cfg.norm_type)
+    if mon.per_param:
+        mon.record_param_norms(parts, [weakref.ref(p) for p in params])
+    own = identity.ids(identity.step_params(opt))
+    others = [p for p in params if id(p) not in own]
+    if others:
+        thr = threshold_for(rt, total, mon)
+        if mon.agc is not None:
+            clipmath.agc_(others, mon.agc.clipping, mon.agc.eps)
+        elif cfg.max_norm is not None:
+            clipmath.scale_([p.grad for p in others], clipmath.coefficient(total, _eager_max_norm(cfg, thr)))
+        if cfg.clip_value is not None:
+            clipmath.clamp_values_([p.grad for p in others], cfg.clip_value)
+    rt.consume_runs({id(p) for p in params})
+
+
+def _clip_dtensors(rt: ClipRuntime, params: list, mon) -> None:
+    """Eager ``clip_grad_norm_`` over DTensor gradients with torch's own two halves (the norm
+    is a DTensor whose reduction across ranks DTensor performs)."""
+    cfg = rt.config
+    if not cfg.computes_norm:
+        return
+    grads = [p.grad for p in params]
+    if mon.per_param:  # before the clip scales them
+        norms = [torch.linalg.vector_norm(g, cfg.norm_type, dtype=torch.float32) for g in grads]
+        mon.record_param_norms(torch.stack([n.full_tensor() if is_dtensor(n) else n for n in norms]),
+                               [weakref.ref(p) for p in params])
+    total = torch.nn.utils.get_total_norm(grads, cfg.norm_type, cfg.error_if_nonfinite, None)
+    total = total.full_tensor() if is_dtensor(total) else total
+    thr = threshold_for(rt, total, mon)
+    if cfg.max_norm is not None and mon.agc is None:
+        torch.nn.utils.clip_grads_with_norm_(params, _eager_max_norm(cfg, thr), total, None)
+    if mon.agc is not None:
+        clipmath.agc_(params, mon.agc.clipping, mon.agc.eps)
+    rt.finish(total, thr, mon)
+    rt.stats["norm_at_step"] += 1

@@ -1,0 +1,189 @@
+"""What a clip clips: its scope, and the group an optimizer step takes from it.
+
+The scope is made of *units*: each graph the clip compiled, with the trainable leaves that
+entered it and the modules of the frame Dynamo compiled (``self`` of a ``forward``: their
+parameters count as they are at the step, which is how FSDP2's sharded parameters are found).
+Units that share a leaf or a module are one unit: a model with graph breaks, or DDPOptimizer's
+split, is one unit; regional compilation gives a unit per block; a GAN's two models compiled
+separately are two units, even with one clip object.
+
+The optimizers that step those leaves belong with them. When an optimizer steps, the clip takes
+its *group*: the units whose leaves the optimizer holds, every optimizer known to hold leaves of
+those units, their parameters, and so on until nothing is added. A loop with the clip equals
+eager code that calls ``clip_grad_norm_(group, max_norm)`` once, right before the first step of
+the group's optimizers that consumes the gradients. The group's order is eager's
+``model.parameters()``: the units' module parameters first, then the other leaves, then the
+optimizers' parameters.
+
+``attach(opt, parameters)`` names a group as eager code does: ``parameters`` are clipped before
+``opt``'s steps (an empty list: its steps are not clipped); ``attach(opt)`` makes ``opt`` known
+before its first step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import weakref
+from collections.abc import Iterable
+
+import torch
+
+
+def _trainable(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.requires_grad
+
+
+class Unit:
+    """One compiled module or function: its frame's modules and its graphs' trainable leaves."""
+
+    def __init__(self) -> None:
+        self.modules: list[weakref.ref] = []
+        self.leaves: dict[int, weakref.ref] = {}
+
+    def add(self, modules: Iterable[torch.nn.Module], leaves: Iterable[torch.Tensor]) -> None:
+        known = {id(r()) for r in self.modules}
+        self.modules.extend(weakref.ref(m) for m in modules if id(m) not in known)
+        for t in leaves:
+            self.leaves.setdefault(id(t), weakref.ref(t))
+
+    def live_modules(self) -> list[torch.nn.Module]:
+        return [m for m in (r() for r in self.modules) if m is not None]
+
+    def params(self) -> list[torch.Tensor]:
+        """Module parameters (as they are now), then the graphs' nn.Parameter leaves."""
+        ps = [p for m in self.live_modules() for p in m.parameters() if p.requires_grad]
+        leaves = (r() for r in self.leaves.values())
+        return ps + [t for t in leaves if isinstance(t, torch.nn.Parameter) and t.requires_grad]
+
+    def ids(self) -> set[int]:
+        """Everything that makes an optimizer belong here: module parameters and all leaves
+        (plain tensors that require grad as well)."""
+        out = {id(p) for m in self.live_modules() for p in m.parameters()}
+        out.update(i for i, r in self.leaves.items() if r() is not None)
+        return out
+
+    def describe(self) -> str:
+        mods = self.live_modules()
+        return type(mods[0]).__name__ if mods else f"a compiled function of {len(self.leaves)} leaves"
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """The parameters one step clips (eager order), the optimizers that share them, and the
+    key of the group (its first known optimizer, for its monitor)."""
+
+    params: tuple[torch.Tensor, ...]
+    optimizers: tuple[torch.optim.Optimizer, ...]
+    key: torch.optim.Optimizer
+    explicit: bool = False  # named with attach(opt, parameters=...)
+    units: tuple[Unit, ...] = ()
+
+
+def _opt_params(opt) -> list[torch.Tensor]:
+    return list(itertools.chain.from_iterable(g["params"] for g in opt.param_groups))
+
+
+class Scope:
+    def __init__(self) -> None:
+        self.units: list[Unit] = []
+        self.optimizers: list[weakref.ref] = []  # known optimizers, in the order they became known
+        self.explicit: dict[int, tuple[weakref.ref, tuple[weakref.ref, ...]]] = {}
+        self.version = 0  # bumped by every change: cached groups and owners are decided again
+        self._groups: dict[int, tuple[int, weakref.ref, tuple, tuple, tuple]] = {}
+
+    # -- learning -------------------------------------------------------------------------------
+    def add_graph(self, modules: Iterable[torch.nn.Module], leaves: Iterable[torch.Tensor]) -> None:
+        """A compiled graph: the modules of its frame and its trainable leaves join a unit."""
+        modules = [m for m in modules if isinstance(m, torch.nn.Module)]
+        leaves = [t for t in leaves if _trainable(t)]
+        ids = {id(m) for m in modules} | {id(t) for t in leaves}
+        ids |= {id(p) for m in modules for p in m.parameters()}
+        merged = [u for u in self.units if ids & (u.ids() | {id(r()) for r in u.modules})]
+        unit = merged[0] if merged else Unit()
+        for other in merged[1:]:
+            unit.add(other.live_modules(), [r() for r in other.leaves.values() if r() is not None])
+            self.units.remove(other)
+        before = (len(unit.modules), len(unit.leaves))
+        unit.add(modules, leaves)
+        if not merged:
+            self.units.append(unit)
+        if not merged or len(merged) > 1 or before != (len(unit.modules), len(unit.leaves)):
+            self.version += 1
+
+    def know(self, opt: torch.optim.Optimizer) -> None:
+        if not any(r() is opt for r in self.optimizers):
+            self.optimizers.append(weakref.ref(opt))
+            self.version += 1
+
+    def attach(self, opt: torch.optim.Optimizer, parameters: Iterable[torch.Tensor] | None) -> None:
+        self.know(opt)
+        if parameters is not None:
+            self.explicit[id(opt)] = (weakref.ref(opt), tuple(weakref.ref(p) for p in parameters))
+            self.version += 1
+
+    def detach(self, opt: torch.optim.Optimizer) -> None:
+        self.optimizers = [r for r in self.optimizers if r() is not None and r() is not opt]
+        self.explicit.pop(id(opt), None)
+        self.version += 1
+
+    # -- asking ---------------------------------------------------------------------------------
+    def knows(self, opt) -> bool:
+        return any(r() is opt for r in self.optimizers)
+
+    def claims(self, opt) -> bool:
+        """``opt`` is this clip's: known (attached, compiled step, stepped before) or holding a
+        leaf of a unit."""
+        if self.knows(opt):
+            return True
+        ids = {id(p) for p in _opt_params(opt)}
+        return any(ids & u.ids() for u in self.units)
+
+    def group(self, opt: torch.optim.Optimizer) -> Group:
+        """``opt``'s group (module docstring), cached until the scope changes."""
+        cached = self._groups.get(id(opt))
+        if cached is not None and cached[0] == self.version and cached[1]() is opt:
+            params = tuple(r() for r in cached[2])
+            opts = tuple(r() for r in cached[3])
+            if None not in params and None not in opts:
+                return Group(params, opts, opts[0], id(opt) in self.explicit, cached[4])
+        g = self._decide(opt)
+        self._groups[id(opt)] = (self.version, weakref.ref(opt), tuple(map(weakref.ref, g.params)),
+                                 tuple(map(weakref.ref, g.optimizers)), g.units)
+        return g
+
+    def _decide(self, opt) -> Group:
+        if id(opt) in self.explicit:
+            params = tuple(p for p in (r() for r in self.explicit[id(opt)][1]) if p is not None)
+            return Group(params, (opt,), opt, True)
+        known = [o for o in (r() for r in self.optimizers) if o is not None]
+        opts, units = [opt], []
+        unit_ids = [u.ids() for u in self.units]
+        changed = True
+        while changed:
+            changed = False
+            held = {id(p) for o in opts for p in _opt_params(o)}
+            for u, ids in zip(self.units, unit_ids):
+                if u not in units and held & ids:
+                    units.append(u)
+                    changed = True
+            covered = set().union(*(unit_ids[self.units.index(u)] for u in units)) if units else set()
+            for o in known:
+                if o not in opts and id(o) not in self.explicit and covered & {id(p) for p in _opt_params(o)}:
+                    opts.append(o)
+                    changed = True
+        order = {id(o): k for k, o in enumerate(known)}
+        opts.sort(key=lambda o: order.get(id(o), len(known)))
+        params, seen = [], set()
+        for p in itertools.chain(*(u.params() for u in units), *(_opt_params(o) for o in opts)):
+            if id(p) not in seen and p.requires_grad:
+                seen.add(id(p))
+                params.append(p)
+        return Group(tuple(params), tuple(opts), opts[0], False, tuple(units))
+
+    def describe(self, units: Iterable[Unit] | None = None) -> str:
+        names = sorted({u.describe() for u in (self.units if units is None else units)})
+        return ", ".join(names) if names else "nothing yet"
+
+    def live(self) -> bool:
+        return any(u.live_modules() or any(r() is not None for r in u.leaves.values()) for u in self.units)

@@ -1,0 +1,150 @@
+"""The run-time side of a compiled optimizer step: what calls the compiled step graph
+(``ClippedStep``), and what ``clip.compile_step(opt)`` returns (``CompiledStep``)."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+
+from .eager import is_dtensor, threshold_for
+from .passes import GraphSignature
+
+
+class ClippedStep:
+    """Calls a compiled step graph with the clip's runtime inputs, by the names of its
+    signature, and hands what the graph returns (the total norm, the nonfinite flag, a
+    policy's threshold, per-gradient norms) to the runtime. No host sync."""
+
+    def __init__(self, variants, runtime, optimizer, initializing: bool) -> None:
+        from torch._inductor import config as inductor_config
+
+        self.variants = variants
+        self.runtime = runtime
+        self.optimizer = weakref.ref(optimizer) if optimizer is not None else None
+        self.device = variants.device
+        # this graph creates optimizer state (the first step): a skipped step must not keep it
+        self.initializing = initializing
+        self.cudagraphs = bool(inductor_config.triton.cudagraphs)  # outputs are reused buffers
+
+    def __call__(self, *args: Any) -> Any:
+        rt, dev = self.runtime, self.device
+        opt = self.optimizer() if self.optimizer is not None else None
+        amp_state, scale = _amp_begin(rt.scaler, opt, dev) if rt.scaler is not None else (None, None)
+        clip, handed = rt.graph_call(opt)
+        given = handed is not None
+        values = {"max_norm": rt.max_norm_on(dev), "enabled": rt.const(("enabled", clip), clip, torch.bool, dev),
+                  "clip_value": rt.const("value", rt.config.clip_value, torch.float32, dev)
+                  if rt.config.clip_value is not None else None,
+                  "scale": scale, "total_norm": handed}
+        if self.variants.policy is not None:  # read only by the graph: updated after it, by ``finish``
+            values["state"] = self._monitor(opt).policy_state(dev)
+        full = GraphSignature(tuple(self.variants.inputs(given))).bind(args, values)
+        compiled, sig = self.variants.get(given, full)
+        state_before = {p: set(st) for p, st in opt.state.items()} if self.initializing else None
+        # Dynamo calls what a backend returns with *args, whatever ``_boxed_call`` says
+        outs, added = sig.split(list(compiled(*full)))
+        if self.cudagraphs:
+            added = {k: v.clone() for k, v in added.items()}
+        nonfinite = added.get("nonfinite")
+        if state_before is not None and bool(nonfinite):
+            # the graph of a step that creates optimizer state stores it unguarded, where eager
+            # skips opt.step() and has none: removed at the next pre-hook (Dynamo installs the
+            # state after this call returns, and picks the next graph by it). One host read, on
+            # the first step only (later steps run another graph)
+            rt.state_drops.append((weakref.ref(opt), state_before))
+        total = added.get("total_norm", handed)
+        if is_dtensor(total):  # FSDP2: replicated, the same on every rank
+            total = total.full_tensor()
+        if clip and rt.config.computes_norm:
+            mon = self._monitor(opt)
+            if "param_norms" in added:
+                mon.record_param_norms(added["param_norms"], self.variants.grad_params)
+            thr = added.get("threshold")
+            rt.finish(total, threshold_for(rt, total, mon) if thr is None else thr, mon)
+        if self.variants.guarded:
+            rt.count_skipped(nonfinite)
+            if rt.open is not None:
+                rt.open.skipped = nonfinite
+        if amp_state is not None:
+            from torch.amp.grad_scaler import OptState
+
+            amp_state["found_inf_per_device"][dev] = nonfinite
+            amp_state["stage"] = OptState.STEPPED
+        return outs
+
+    def _monitor(self, opt):
+        rt = self.runtime
+        return rt.monitors.for_optimizer(rt.scope.group(opt).key if opt is not None else None)
+
+
+class EagerClipThenStep:
+    """``fuse=False``: the step graph without a clip. A step the pre-hook did not plan (its first
+    call, before the graph made the optimizer known) is clipped eagerly first."""
+
+    def __init__(self, compiled, runtime, optimizer) -> None:
+        self.compiled = compiled
+        self.runtime = runtime
+        self.optimizer = weakref.ref(optimizer) if optimizer is not None else None
+
+    def __call__(self, *args: Any) -> Any:
+        rt = self.runtime
+        opt = self.optimizer() if self.optimizer is not None else None
+        if rt.open is not None or opt is None:
+            return self.compiled(*args)
+        rt.begin_step(opt, (opt,), {}, compiled_frame=False)
+        try:
+            return self.compiled(*args)
+        finally:
+            rt.end_step(opt)
+
+
+def _amp_begin(scaler, opt, device: torch.device):
+    """GradScaler bookkeeping before a compiled step with a scaler attached. Returns the
+    optimizer's per-optimizer state to record ``found_inf`` into (None if ``unscale_`` already
+    ran: then the scaler has decided) and the scale to divide the gradients by."""
+    from torch.amp.grad_scaler import OptState
+
+    if opt is None:
+        raise RuntimeError(
+            "compileclip: a GradScaler is attached to this clip backend, but the compiled step's "
+            "optimizer could not be identified; compile `opt.step` itself")
+    state = scaler._per_optimizer_states[id(opt)]
+    if state["stage"] is OptState.STEPPED:
+        raise RuntimeError(
+            "compileclip: the optimizer already stepped since the last scaler.update(); call "
+            "scaler.update() after each step (and do not call scaler.step(opt) as well)")
+    if state["stage"] is OptState.UNSCALED:
+        # scaler.unscale_(opt) (or scaler.step(opt), which calls this step only when no inf was
+        # found) already unscaled the gradients and recorded found_inf
+        return None, torch.ones((), dtype=torch.float32, device=device)
+    if scaler._scale is None:
+        raise RuntimeError(
+            "compileclip: the attached GradScaler has no scale yet: the loss must be scaled with "
+            "scaler.scale(loss).backward() before the step")
+    return state, scaler._scale
+
+
+class CompiledStep:
+    """What ``clip.compile_step(opt)`` returns: call it as ``opt.step``. Dynamo's recompile limit
+    raises here instead of silently running the step uncompiled (and unclipped, where the plan
+    left the clip to the graph); the step is then run eagerly, clipped by the pre-hook."""
+
+    def __init__(self, optimizer, compiled, runtime) -> None:
+        self.optimizer = optimizer
+        self.compiled = compiled  # None: stepped eagerly (a fused optimizer, a wrapper)
+        self.runtime = runtime
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is None:
+            return self.optimizer.step(*args, **kwargs)
+        from torch._dynamo.exc import FailOnRecompileLimitHit
+
+        try:
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                return self.compiled(*args, **kwargs)
+        except FailOnRecompileLimitHit:
+            self.runtime.abort_step(self.optimizer)
+            self.runtime.stats["step_recompile_limit"] += 1
+            return self.optimizer.step(*args, **kwargs)
