@@ -57,6 +57,11 @@ CASES = {
     "fsdp_monitor": dict(wrapper="fsdp", compiled="model", optim="adamw", monitor=True),
     # (per_param_norms in a compiled step over DTensor gradients raises NotImplementedError)
     "fsdp_monitor_step": dict(wrapper="fsdp", compiled="step", optim="sgd", monitor=True, per_param=False),
+    # ZeroRedundancyOptimizer: its step() calls its inner optimizer's step() over this rank's
+    # shard; the inner step is part of the outer one, which clips all the (averaged) gradients
+    "zero_model": dict(wrapper="ddp", compiled="model", optim="zero_sgd"),
+    "zero_monitor": dict(wrapper="ddp", compiled="model", optim="zero_adamw", monitor=True),
+    "zero_step": dict(wrapper="ddp", compiled="model+step", optim="zero_adamw"),
 }
 MONITOR_STEPS, SPIKE_STEP, SPIKE = 6, 4, 50.0
 
@@ -84,6 +89,12 @@ class Net(nn.Module):
 
 
 def make_opt(name: str, params):
+    if name.startswith("zero_"):
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        kind = torch.optim.SGD if name == "zero_sgd" else torch.optim.AdamW
+        kw = dict(lr=0.1, momentum=0.9) if name == "zero_sgd" else dict(lr=1e-2, weight_decay=0.1)
+        return ZeroRedundancyOptimizer(params, optimizer_class=kind, **kw)
     if name == "sgd":
         return torch.optim.SGD(params, lr=0.1, momentum=0.9)
     return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)

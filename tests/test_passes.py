@@ -8,7 +8,8 @@ import torch.fx as fx
 from expecttest import TestCase
 from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
 
-from compileclip.passes import insert_grad_norm
+from compileclip import clipmath
+from compileclip.passes import GraphSignature, insert_grad_norm, insert_step_clip, output_values
 
 
 class _TupleOut(torch.nn.Module):
@@ -30,18 +31,40 @@ def rewritten_backward(norm_type: float, unscale: bool = False) -> str:
     def bw(gm: fx.GraphModule, inputs):
         out = next(n for n in gm.graph.nodes if n.op == "output")
         grads = [i for i, a in enumerate(out.args[0]) if isinstance(a, fx.Node)]
-        result = insert_grad_norm(gm, grads, norm_type, unscale=unscale)
-        captured.append((result, gm))
-        # the caller's side of the convention: append the scale, drop the norm
-        extra = (torch.tensor(4.0),) if unscale else ()
-        return make_boxed_func(lambda *a: gm(*a, *extra)[:-1])
+        groups = clipmath.group_positions(output_values(gm, grads))
+
+        def norms(gs, inp):
+            return {f"norms_{k}": t for k, t in enumerate(clipmath.norms_by_group(gs, groups, norm_type, inp.get("inv_scale")))}
+
+        inputs_ = {"inv_scale": torch.tensor(0.25)} if unscale else {}
+        sig = insert_grad_norm(gm, grads, norms, inputs=inputs_)
+        captured.append((sig, gm))
+        return make_boxed_func(lambda *a: sig.split(gm(*sig.bind(a, inputs_)))[0])
 
     fw = lambda gm, inputs: make_boxed_func(gm.forward)  # noqa: E731
     compiled = aot_module_simplified(model, (torch.randn(4, 3),), fw_compiler=fw, bw_compiler=bw)
     compiled(torch.randn(4, 3))[0].sum().backward()
-    result, gm = captured[0]
-    assert result.num_grads == 2 and result.placeholders == (("clip_scale",) if unscale else ())
+    sig, gm = captured[0]
+    assert sig == GraphSignature(("inv_scale",) if unscale else (), ("norms_0",))
     return gm.print_readable(print_output=False, include_stride=False, include_device=False)
+
+
+def rewritten_step(**spec) -> str:
+    """An SGD update of one parameter, traced (as Dynamo gives it: torch-level calls), after
+    ``insert_step_clip`` with the clip of ``clipmath.step_clip``."""
+    def step(w, g):
+        w.sub_(0.1 * g)
+        return ()
+
+    gm = fx.symbolic_trace(step)
+    g = list(gm.graph.find_nodes(op="placeholder"))[1]
+    spec = clipmath.StepClipSpec(norm_type=2.0, groups=((0,),), device=torch.device("cpu"),
+                                 devices=(torch.device("cpu"),), **spec)
+    f32 = torch.tensor(0.0)
+    inputs = {"max_norm": f32, "enabled": torch.tensor(True)}
+    sig = insert_step_clip(gm, [g], lambda gr, inp, ps: clipmath.step_clip(gr, inp, spec, ps), inputs=inputs)
+    assert sig.inputs == ("max_norm", "enabled") and sig.outputs == ("total_norm", "nonfinite")
+    return gm.code.strip()
 
 
 class TestGoldenGraphs(TestCase):
@@ -56,8 +79,8 @@ class GraphModule(torch.nn.Module):
         sum_1: "f32[1, 2]" = torch.ops.aten.sum.dim_IntList(tangents_1, [0], True);  tangents_1 = None
         view: "f32[2]" = torch.ops.aten.view.default(sum_1, [2]);  sum_1 = None
         t_3: "f32[2, 3]" = torch.ops.aten.t.default(t_2);  t_2 = None
-        total_norm_default: "f32[]" = torch.ops.compileclip.total_norm.default([t_3, view], 2.0, None)
-        return (t_3, view, None, total_norm_default)
+        grad_norms_default: "f32[2]" = torch.ops.compileclip.grad_norms.default([t_3, view], 2.0, None)
+        return (t_3, view, None, grad_norms_default)
 """)
 
     def test_norm_inf(self):
@@ -71,14 +94,14 @@ class GraphModule(torch.nn.Module):
         sum_1: "f32[1, 2]" = torch.ops.aten.sum.dim_IntList(tangents_1, [0], True);  tangents_1 = None
         view: "f32[2]" = torch.ops.aten.view.default(sum_1, [2]);  sum_1 = None
         t_3: "f32[2, 3]" = torch.ops.aten.t.default(t_2);  t_2 = None
-        total_norm_default: "f32[]" = torch.ops.compileclip.total_norm.default([t_3, view], inf, None)
-        return (t_3, view, None, total_norm_default)
+        grad_norms_default: "f32[2]" = torch.ops.compileclip.grad_norms.default([t_3, view], inf, None)
+        return (t_3, view, None, grad_norms_default)
 """)
 
     def test_unscale(self):
         self.assertExpectedInline(rewritten_backward(2.0, unscale=True), """\
 class GraphModule(torch.nn.Module):
-    def forward(self, primals_3: "f32[4, 3]", tangents_1: "f32[4, 2]", clip_scale: "f32[]"):
+    def forward(self, primals_3: "f32[4, 3]", tangents_1: "f32[4, 2]", inv_scale: "f32[]"):
         # No stacktrace found for following nodes
         t_1: "f32[2, 4]" = torch.ops.aten.t.default(tangents_1)
         mm: "f32[2, 3]" = torch.ops.aten.mm.default(t_1, primals_3);  t_1 = primals_3 = None
@@ -86,13 +109,31 @@ class GraphModule(torch.nn.Module):
         sum_1: "f32[1, 2]" = torch.ops.aten.sum.dim_IntList(tangents_1, [0], True);  tangents_1 = None
         view: "f32[2]" = torch.ops.aten.view.default(sum_1, [2]);  sum_1 = None
         t_3: "f32[2, 3]" = torch.ops.aten.t.default(t_2);  t_2 = None
-        convert_element_type_default: "f64[]" = torch.ops.prims.convert_element_type.default(clip_scale, torch.float64);  clip_scale = None
-        reciprocal_default: "f64[]" = torch.ops.aten.reciprocal.default(convert_element_type_default);  convert_element_type_default = None
-        convert_element_type_default_1: "f32[]" = torch.ops.prims.convert_element_type.default(reciprocal_default, torch.float32);  reciprocal_default = None
-        total_norm_default: "f32[]" = torch.ops.compileclip.total_norm.default([t_3, view], 2.0, convert_element_type_default_1);  convert_element_type_default_1 = None
-        return (t_3, view, None, total_norm_default)
+        grad_norms_default: "f32[2]" = torch.ops.compileclip.grad_norms.default([t_3, view], 2.0, inv_scale);  inv_scale = None
+        return (t_3, view, None, grad_norms_default)
 """)
 
+
+class TestGoldenStep(TestCase):
+    def test_clip_in_the_update(self):
+        self.assertExpectedInline(rewritten_step(), """\
+def forward(self, w, g, clip_max_norm, clip_enabled):
+    norms_and_total_default = torch.ops.compileclip.norms_and_total.default([g], 2.0, None)
+    getitem = norms_and_total_default[1];  norms_and_total_default = None
+    abs_1 = torch.abs(getitem)
+    lt = torch.lt(abs_1, inf);  abs_1 = None
+    logical_not = torch.logical_not(lt);  lt = None
+    to = logical_not.to(torch.float32);  logical_not = None
+    add = getitem + 1e-06
+    reciprocal = add.reciprocal();  add = None
+    mul_1 = reciprocal * clip_max_norm;  reciprocal = clip_max_norm = None
+    clamp = torch.clamp(mul_1, max = 1.0);  mul_1 = None
+    where = torch.where(clip_enabled, clamp, 1.0);  clip_enabled = clamp = None
+    mul_2 = g * where;  where = None
+    mul = 0.1 * mul_2
+    sub_ = w.sub_(mul);  w = mul = sub_ = None
+    copy_ = g.copy_(mul_2);  g = mul_2 = copy_ = None
+    return (getitem, to)""")
 
 
 def guarded_step_graph() -> tuple[str, int]:
