@@ -109,7 +109,9 @@ class Step:
 
     def raw(self, *args, **kwargs):
         """The step itself (no reference clip), then record."""
-        before = None if self.clip is not None else [None if p.grad is None else p.grad.clone() for p in self.params()]
+        # a closure makes its gradients inside the step: nothing to hold them against
+        closure = bool(args) or "closure" in kwargs
+        before = None if self.clip is not None or closure else [None if p.grad is None else p.grad.clone() for p in self.params()]
         out = (self.fn or self.opt.step)(*args, **kwargs)  # an LR scheduler wraps opt.step
         self.record(before)
         return out
@@ -168,12 +170,14 @@ def regional(models, opts, make):
     return models, [Step(o, clip) for o in opts]
 
 
-def step_compiled(compile_model: bool, **compile_kwargs):
-    """``step = clip.compile_step(opt)``; the models compiled with the same clip, or eager."""
+def step_compiled(compile_model: bool, direct: bool = False, **compile_kwargs):
+    """``step = clip.compile_step(opt)`` (``direct``: ``torch.compile(opt.step, backend=clip)``);
+    the models compiled with the same clip, or eager."""
     def setup(models, opts, make):
         clip = make()
         run_models = [torch.compile(m, backend=clip, **compile_kwargs) for m in models] if compile_model else models
-        return run_models, [Step(o, clip, fn=clip.compile_step(o)) for o in opts]
+        steps = [Step(o, clip, fn=torch.compile(o.step, backend=clip) if direct else clip.compile_step(o)) for o in opts]
+        return run_models, steps
     return setup
 
 
@@ -190,16 +194,24 @@ def eager_side(models, opts, reference, compile_kwargs: dict | None = None) -> S
     return Side(models, run_models, opts, [Step(o, reference=reference) for o in opts])
 
 
+def optimizer_state(opt: torch.optim.Optimizer) -> list[dict]:
+    """A copy of the optimizer's state, per parameter in order (tensors only)."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    return [{k: v.detach().clone() for k, v in opt.state.get(p, {}).items() if isinstance(v, torch.Tensor)}
+            for p in params]
+
+
 def train(run, side: Side, iterations) -> list:
-    """Run the loop on one side. Per iteration: each optimizer's step records, and a copy of
-    every model's named parameters."""
+    """Run the loop on one side. Per iteration: each optimizer's step records, a copy of every
+    model's named parameters, and of every optimizer's state."""
     trace = []
     for i in iterations:
         seen = [len(s.records) for s in side.steps]
         torch.manual_seed(1000 + i)  # the same fresh data on both sides
         run(side.run_models, side.opts, side.clip, side.steps, i)
         trace.append(([s.records[n:] for s, n in zip(side.steps, seen)],
-                      [[(name, p.detach().clone()) for name, p in m.named_parameters()] for m in side.models]))
+                      [[(name, p.detach().clone()) for name, p in m.named_parameters()] for m in side.models],
+                      [optimizer_state(o) for o in side.opts]))
     return trace
 
 
@@ -221,7 +233,7 @@ def compare(trace: list, ref_trace: list, max_norm: float | None, tol=None) -> N
     the total norm and the .grad it left, then the parameters. ``tol``: None (assert_close's
     defaults), "bitwise", or rtol/atol (only where plain torch.compile differs as much)."""
     assert len(trace) == len(ref_trace)
-    for i, ((records, params), (ref_records, ref_params)) in enumerate(zip(trace, ref_trace)):
+    for i, ((records, params, states), (ref_records, ref_params, ref_states)) in enumerate(zip(trace, ref_trace)):
         for k, (new, ref) in enumerate(zip(records, ref_records)):
             assert len(new) == len(ref), f"iteration {i}: optimizer {k} stepped {len(new)} times, eager {len(ref)}"
             for j, ((grads, norm), (ref_grads, ref_norm)) in enumerate(zip(new, ref)):
@@ -238,8 +250,13 @@ def compare(trace: list, ref_trace: list, max_norm: float | None, tol=None) -> N
         for m, (named, ref_named) in enumerate(zip(params, ref_params)):
             for (name, p), (_, q) in zip(named, ref_named):
                 _close(p, q, tol, lambda msg: f"iteration {i}: model {m} param {name}: {msg}")
+        for k, (state, ref_state) in enumerate(zip(states, ref_states)):
+            for n, (st, rst) in enumerate(zip(state, ref_state)):
+                assert st.keys() == rst.keys(), f"iteration {i}: optimizer {k} state of param {n}: {st.keys()} vs {rst.keys()}"
+                for key in st:
+                    _close(st[key], rst[key], tol, lambda msg: f"iteration {i}: optimizer {k} state[{n}][{key!r}]: {msg}")
     for k in range(len(ref_trace[0][0])):
-        assert any(records[k] for records, _ in ref_trace), f"optimizer {k} never stepped"
+        assert any(records[k] for records, *_ in ref_trace), f"optimizer {k} never stepped"
 
 
 def compare_with_eager(run, make_models, make_opts, setup=whole_model(), *, max_norm, iterations: int = 3,

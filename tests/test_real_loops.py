@@ -3,7 +3,7 @@
 The contract: the clip happens at ``opt.step()``, over the parameters of that optimizer that
 have a ``.grad``, exactly as eager ``clip_grad_norm_(those params, max_norm, norm_type);
 opt.step()``. Each test writes one training loop (``run(models, opts, clip, steps, i)``, see
-``loops.py``) and trains a compiled copy and an eager copy of the same models with it,
+``harness.py``) and trains a compiled copy and an eager copy of the same models with it,
 comparing the gradients each step left, ``clip.total_norm`` and the parameters after every
 step; each with the clip active (``max_norm`` far below the norm) and inactive (far above).
 More loops in ``test_real_loops_2.py``.
@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import models
-from loops import (ACTIVE, INACTIVE, compare_with_eager, compiled_side, eager_side, in_fresh_process,  # noqa: F401
+from harness import (ACTIVE, EagerClip, INACTIVE, compare_with_eager, compiled_side, eager_side, in_fresh_process,  # noqa: F401
                    isolated, per_model_clips, regional, step_compiled, train, whole_model)
 
 AOT = {"inner": "aot_eager"}  # the same graphs without Inductor: fast compiles
@@ -247,7 +247,7 @@ def sparse_scenario(max_norm):
     loop = supervised(lambda: torch.randint(0, 16, (6, 3)))
     # eager clip_grad_norm_ raises on a sparse .grad in this torch, before the step:
     # linalg_vector_norm has no SparseCPU kernel (NotImplementedError, a RuntimeError)
-    eager = eager_side([ref], sgd([ref]), max_norm=max_norm)
+    eager = eager_side([ref], sgd([ref]), EagerClip(max_norm))
     torch.manual_seed(1000)
     with pytest.raises(NotImplementedError, match="Sparse"):
         loop(eager.run_models, eager.opts, None, eager.steps, 0)
@@ -278,7 +278,7 @@ def plain_training_after_sparse_error():
     # clip its steps (Step.record checks) nor refuse them
     torch.manual_seed(0)
     model = models.mlp()
-    train(supervised(), eager_side([model], sgd([model]), max_norm=ACTIVE), range(2))
+    train(supervised(), eager_side([model], sgd([model]), EagerClip(ACTIVE)), range(2))
 
 
 def test_failed_clip_leaves_later_training_alone():

@@ -1,5 +1,5 @@
 """Golden tests: more real training loops against eager ``clip_grad_norm_`` (see
-``test_real_loops.py`` and ``loops.py``): a closure step, GradScaler, resuming from a
+``test_real_loops.py`` and ``harness.py``): a closure step, GradScaler, resuming from a
 checkpoint, and a Hugging Face Trainer-like loop."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import models
-from loops import (ACTIVE, INACTIVE, compare, compare_with_eager, compiled_side, eager_side, isolated,  # noqa: F401
+from harness import (ACTIVE, EagerClip, INACTIVE, compare, compare_with_eager, compiled_side, eager_side, isolated,  # noqa: F401
                    per_opt, train, whole_model)
 
 AOT = {"inner": "aot_eager"}
@@ -107,9 +107,9 @@ def test_resume_from_checkpoint(max_norm):
     torch.manual_seed(0)
     model = models.mlp()
     ref = copy.deepcopy(model)
-    eager = eager_side([ref], adamw([ref]), max_norm=max_norm)
+    eager = eager_side([ref], adamw([ref]), EagerClip(max_norm))
     ref_trace = train(plain_loop, eager, range(2))
-    ref_trace += train(plain_loop, eager_side(*resumed(eager), max_norm=max_norm), range(2, 4))
+    ref_trace += train(plain_loop, eager_side(*resumed(eager), EagerClip(max_norm)), range(2, 4))
     compiled = compiled_side([model], adamw([model]), max_norm=max_norm, **AOT)
     trace = train(plain_loop, compiled, range(2))
     # a fresh model, optimizer, clip and torch.compile
