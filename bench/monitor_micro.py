@@ -1,4 +1,4 @@
-"""The per-step host and kernel cost of issue 10's options, measured alone (no training step
+"""The per-step host and kernel cost of the monitoring options, measured alone (no training step
 around them, where a 50 ms step's noise hides a few µs): what ``finish`` (history and the
 policy's update), the eager threshold, and ``per_param_norms``' assembly add per step.
 

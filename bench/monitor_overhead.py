@@ -1,4 +1,4 @@
-"""Per-step cost of the monitoring and adaptive options (issue 10) against the same clip without them.
+"""Per-step cost of the monitoring and adaptive options against the same clip without them.
 
     .venv/bin/python bench/monitor_overhead.py                 # ~8-10 min on 2 CPU cores
     .venv/bin/python bench/monitor_overhead.py --quick         # small sizes, short budgets (development)
@@ -189,7 +189,7 @@ def table(res: dict) -> list[str]:
 
 def markdown(record: dict) -> str:
     s = record["stamp"]
-    md = ["# Per-step cost of history / per_param_norms / adaptive policies (issue 10)", "",
+    md = ["# Per-step cost of history / per_param_norms / adaptive policies", "",
           f"- command: `{s['command']}`",
           f"- {s['date']}; torch {s['torch']}, python {s['python']}, git {s['git']}",
           f"- machine: {s['device_name']}, {s['threads']} torch threads ({s['cpu_count']} CPUs); "

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from compileclip import identity
+from compileclip import identity, records
 from compileclip.config import ClipConfig
 from compileclip.runtime import ClipRuntime
 
@@ -29,20 +29,25 @@ def measure(n: int, reps: int = 300) -> tuple[list[float], list[float]]:
         p.grad = torch.randn(4)
     opt = torch.optim.SGD(params, lr=0.1)
     rt = ClipRuntime(ClipConfig(max_norm=1.0))
-    norm = torch.tensor(1.0)
-    refs, ids = identity.weak(params), identity.ids(params)
+    norms = (torch.ones(n),)
+    refs = identity.weak(params)
     grads = [p.grad for p in params]
     rec, step = [], []
     for _ in range(reps):
         t = time.perf_counter()
         # what ClipRuntime.record_run and _end_of_backward do (without autograd's callback)
-        rt._pending.append((norm, refs, ids, identity.storages(grads), identity.data_ptrs(grads), identity.versions(grads)))
+        rt._pending.append((norms, refs, identity.storages(grads), identity.data_ptrs(grads),
+                            tuple(identity.versions(grads))))
         rt._end_of_backward()
         rec.append(time.perf_counter() - t)
         t = time.perf_counter()
-        runs, left = rt.plan(identity.step_params(opt))
+        # which norms the step may take from the record (records.ordered_norms's checks)
+        ps = identity.step_params(opt)
+        entries = [list(zip((id(r()) for r in run.params), run.intact())) for run in rt.runs]
+        sources = records.assign_norms(entries, [id(p) for p in ps])
         step.append(time.perf_counter() - t)
-        assert len(runs) == 1 and not left
+        assert None not in sources
+        rt.runs.clear()
     return rec, step
 
 

@@ -9,6 +9,7 @@ gradient (``backward.py``). The clip itself happens at the optimizer step (``pla
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any
 
 import torch
@@ -58,6 +59,19 @@ def sparse_error(what: str) -> NotImplementedError:
         f"compileclip: {what} has sparse gradients (nn.Embedding/EmbeddingBag(sparse=True)). "
         "Eager torch.nn.utils.clip_grad_norm_ refuses them too (linalg_vector_norm has no "
         "sparse kernel): use sparse=False, or clip those parameters yourself")
+
+
+class _WeakBackend:
+    """Calls a ``ClipBackend`` it holds weakly."""
+
+    def __init__(self, clip) -> None:
+        self._clip = weakref.ref(clip)
+
+    def __call__(self, gm, example_inputs, **kwargs):
+        clip = self._clip()
+        if clip is None:
+            raise RuntimeError("compileclip: the clip this step was compiled with no longer exists")
+        return clip(gm, example_inputs, **kwargs)
 
 
 class _Attachment:
@@ -207,7 +221,10 @@ class ClipBackend:
         self._runtime.scope.know(optimizer)
         if is_fused(optimizer) or is_wrapper(optimizer):
             return CompiledStep(optimizer, None, self._runtime)
-        return CompiledStep(optimizer, torch.compile(optimizer.step, backend=self, **compile_kwargs), self._runtime)
+        # Dynamo keeps the backend of a step that hit its recompile limit alive (a reference
+        # from C): a weak proxy lets this clip go, and stop hearing steps, when the user drops it
+        backend = _WeakBackend(self)
+        return CompiledStep(optimizer, torch.compile(optimizer.step, backend=backend, **compile_kwargs), self._runtime)
 
     def attach(self, optimizer: torch.optim.Optimizer, parameters=None) -> _Attachment:
         """Tell the clip about an optimizer it cannot infer, naming the parameters as eager code

@@ -87,12 +87,18 @@ def find_optimizers(rt) -> None:
     first iteration of a loop that steps another model's optimizer first). Once per scope."""
     if _searched.get(rt) == rt.scope.version:
         return
-    for obj in gc.get_objects():
-        try:
-            if isinstance(obj, torch.optim.Optimizer) and rt.scope.claims(obj):
-                rt.scope.know(obj)
-        except ReferenceError:  # a weak proxy whose object is gone
-            continue
+    found = []
+    with warnings.catch_warnings():  # touching every object wakes deprecated ones
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            try:
+                if isinstance(obj, torch.optim.Optimizer):
+                    found.append(obj)
+            except ReferenceError:  # a weak proxy whose object is gone
+                continue
+    for opt in found:
+        if rt.scope.claims(opt):
+            rt.scope.know(opt)
     _searched[rt] = rt.scope.version
 
 

@@ -51,10 +51,15 @@ def _called_from_grad_scaler() -> bool:
     return False
 
 
-def _scaler_codes() -> frozenset:
-    from torch.amp import GradScaler
+_CODES: list[frozenset] = []
 
-    return frozenset(fn.__code__ for fn in (GradScaler.step, GradScaler._maybe_opt_step))
+
+def _scaler_codes() -> frozenset:
+    if not _CODES:
+        from torch.amp import GradScaler
+
+        _CODES.append(frozenset(fn.__code__ for fn in (GradScaler.step, GradScaler._maybe_opt_step)))
+    return _CODES[0]
 
 
 def trusted(rt: ClipRuntime) -> bool:
@@ -85,7 +90,7 @@ def carry_out(rt: ClipRuntime, step: OpenStep, opt, args: tuple, kwargs: dict):
     elif action is Action.ALREADY and step.plan.sync_skip:
         if rt.scaler is not None:  # the step stands in for scaler.step(opt)
             step.scaler_state = rt.scaler._per_optimizer_states[id(opt)]
-        if bool(rt.marked_skip):
+        if bool(rt.marks[id(step.group.key)].skipped):
             _hide(step, identity.step_params(opt))
     elif action is Action.AFTER_CLOSURE:
         return _wrap_closure(rt, step, opt, args, kwargs)

@@ -48,6 +48,17 @@ class OpenStep:
     skipped: torch.Tensor | bool = False
 
 
+@dataclasses.dataclass
+class Marks:
+    """A group's gradients after its last clip in this backward: id(param) -> (data_ptr,
+    version); the group's members then; the optimizers that consumed them; the skip flag."""
+
+    grads: dict[int, tuple[int, int]]
+    members: frozenset[int]
+    consumers: set[int]
+    skipped: torch.Tensor | bool = False
+
+
 class ClipRuntime:
     def __init__(self, config: ClipConfig, scaler=None) -> None:
         self.config = config
@@ -63,12 +74,7 @@ class ClipRuntime:
         self._task = None
         self.open: OpenStep | None = None
         self.nested = 0
-        # the group's gradients after its last clip in this backward: id(param) -> (data_ptr,
-        # version), the group's members then, the optimizers that consumed them, the skip flag
-        self.marks: dict[int, tuple[int, int]] = {}
-        self.members: frozenset[int] = frozenset()
-        self.consumers: set[int] = set()
-        self.marked_skip: torch.Tensor | bool = False
+        self.marks: dict[int, Marks] = {}  # id(group key) -> its last clip in this backward
         self.total_norm: torch.Tensor | None = None
         self.skipped_steps: torch.Tensor | None = None
         self.state_drops: list[tuple[weakref.ref, dict]] = []  # step.py: state of a skipped first step
@@ -186,7 +192,7 @@ class ClipRuntime:
         cfg = self.config
         params = [p for p in group.params if p.grad is not None]
         own = identity.step_params(opt)
-        clipped, grew = self._clipped_state(opt, own)
+        clipped, grew = self._clipped_state(opt, own, self.marks.get(id(group.key)))
         grads = [p.grad for p in params]
         stage = None
         if self.scaler is not None:
@@ -199,32 +205,30 @@ class ClipRuntime:
             group_is_step=identity.ids(params) == identity.ids(own),
             sparse=any(g.is_sparse for g in grads), dtensor=any(map(eager.is_dtensor, grads[:1])),
             fuse=cfg.fuse, computes_norm=cfg.computes_norm, trusted=eager.trusted(self),
-            backward_covers_step=eager.covered(self, params),
+            # only an IN_GRAPH plan asks (whether to hand the backward's norms to the graph)
+            backward_covers_step=compiled_frame and opt in self.graph_ready and eager.covered(self, params),
             scaler_stage=stage, grad_scale_set=getattr(opt, "grad_scale", None) is not None,
             skip_nonfinite=cfg.skip_nonfinite, error_if_nonfinite=cfg.error_if_nonfinite,
-            optimizer=type(opt).__name__, scope=self.scope.describe(group.units),
+            optimizer=type(opt).__name__,
+            scope=self.scope.describe(group.units) if clipped is Clipped.MIXED else "",  # for its message
         )
 
-    def _clipped_state(self, opt, own: list) -> tuple[Clipped, bool]:
-        if not self.marks or not own or id(opt) in self.consumers:  # a second step: not this backward's
+    @staticmethod
+    def _clipped_state(opt, own: list, marks: Marks | None) -> tuple[Clipped, bool]:
+        if marks is None or not own or id(opt) in marks.consumers:  # a second step: not this backward's
             return Clipped.NONE, False
-        marks = self.marks
-        same = [marks.get(id(p)) == (p.grad.data_ptr(), p.grad._version) for p in own]
+        same = [marks.grads.get(id(p)) == (p.grad.data_ptr(), p.grad._version) for p in own]
         if all(same):
             return Clipped.ALL, False
-        if any(same):
-            outside = [id(p) not in self.members for p, s in zip(own, same) if not s]
-            if all(outside):
-                return Clipped.MIXED, True
+        if any(same) and all(id(p) not in marks.members for p, s in zip(own, same) if not s):
+            return Clipped.MIXED, True
         return Clipped.NONE, False
 
     def mark_clipped(self, step: OpenStep, opt) -> None:
         """After a clip: the group's gradients as they are now, for the group's later steps."""
         params = [p for p in step.group.params if p.grad is not None]
-        self.marks = {id(p): (p.grad.data_ptr(), p.grad._version) for p in params}
-        self.members = frozenset(map(id, step.group.params))
-        self.consumers = {id(opt)}
-        self.marked_skip = step.skipped
+        self.marks[id(step.group.key)] = Marks({id(p): (p.grad.data_ptr(), p.grad._version) for p in params},
+                                               frozenset(map(id, step.group.params)), {id(opt)}, step.skipped)
 
     def end_step(self, opt) -> None:
         if self.nested:
@@ -248,7 +252,7 @@ class ClipRuntime:
         if step.clipped:
             self.mark_clipped(step, opt)
         elif step.plan.action is Action.ALREADY:
-            self.consumers.add(id(opt))
+            self.marks[id(step.group.key)].consumers.add(id(opt))
 
     def abort_step(self, opt) -> None:
         """The compiled step raised before its body ran (Dynamo's recompile limit) and will run
@@ -256,7 +260,7 @@ class ClipRuntime:
         step, self.open, self.nested = self.open, None, 0
         if step is not None and step.clipped:
             self.mark_clipped(step, opt)
-            self.consumers.discard(id(opt))
+            self.marks[id(step.group.key)].consumers.discard(id(opt))
 
     def _run_state_drops(self) -> None:
         drops, self.state_drops = self.state_drops, []
@@ -277,7 +281,10 @@ class ClipRuntime:
             self.graph_ready.add(opt)
         step = self.open
         if step is None or step.optimizer() is not opt:
-            return True, None  # no plan for this step: the graph is the clip
+            # no plan: the pre-hook did not know the optimizer yet (its step's first call, with
+            # no model compiled by this clip); the graph is the clip, over its own gradients
+            self.stats["step_in_graph"] += 1
+            return True, None
         if step.plan.action is not Action.IN_GRAPH or step.clipped:
             return False, None
         step.clipped = True

@@ -47,7 +47,7 @@ CASES = {
     # data parallel by hand: the loss divided by the world size, then dist.all_reduce(p.grad)
     # (a SUM that bumps no version counter: the backward's local norm must not be used)
     "manual_allreduce_model": dict(wrapper="manual", compiled="model", optim="sgd"),
-    # issue 10: history, per-parameter norms and a ZScore policy (capped by max_norm), over
+    # monitoring: history, per-parameter norms and a ZScore policy (capped by max_norm), over
     # 6 steps with a spike (the loss x50 at step 5): global norms, the same on every rank
     "ddp_monitor": dict(wrapper="ddp", compiled="model", optim="sgd", monitor=True),
     # SGD: with AdamW the compiled step's parameters agree with eager's within default tolerance

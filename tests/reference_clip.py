@@ -1,6 +1,6 @@
-"""Eager reference implementations of the adaptive clipping policies of issue 10.
+"""Eager reference implementations of the adaptive clipping policies.
 
-Written from the papers' formulas as the issue 10 API states them, in plain eager PyTorch
+Written from the papers' formulas as compileclip's policies state them, in plain eager PyTorch
 (host reads allowed: these are references, not the library). Every reference has
 
     clip_(params) -> (total_norm, threshold)
@@ -57,7 +57,7 @@ class PercentileRef(_NormPolicy):
     for Source Separation Networks", MLSP 2020.
 
     eta_c(t) = p-th percentile of G_h(t) = {||g_1||, ..., ||g_t||}: the history INCLUDES the
-    current step's norm. With the issue 10 API's warm-up and window, counted in finite norms
+    current step's norm. With the API's warm-up and window, counted in finite norms
     (a nonfinite norm, e.g. a GradScaler overflow, is not part of G_h at all):
 
     - until ``warmup`` finite norms were seen (this one included): thr = warmup_max_norm

@@ -4,15 +4,16 @@ A stack of ``Linear(4, 4)`` layers with 16, 256 and 1024 parameter tensors, comp
 without the clip: the backward of the model (``torch.compile(model, backend=clip)``), and
 the optimizer step (``clip.compile_step(opt)`` against ``torch.compile(opt.step)``). Kernels
 are counted as Inductor generates them on CPU: C++ loop nests
-(``metrics.generated_kernel_count``) and extern calls in the generated wrapper (the norm is
-one call of ``compileclip::total_norm``, see ``passes/norm_op.py``).
+(``metrics.generated_kernel_count``) and extern calls in the generated wrapper (the norms are
+one call of ``compileclip::grad_norms`` in a backward, of ``compileclip::norms_and_total`` in a
+step, see ``compileclip/ops.py``).
 
 Measured on torch 2.13 (CPU), the same for 16, 256 and 1024 tensors:
 - model (forward + backward): +0 loop nests, +1 extern call (the norm);
 - step: +1 loop nest (coefficient and nonfinite flag, on 0-d tensors), +1 extern call;
 the scale and the write-back into ``.grad`` are computed inside the optimizer's own loops.
-Before issue 9 the clip added a reduction per gradient (e.g. +258 loop nests in the step for
-256 tensors). The counts also hold on 2.11 and 2.15 (checked with the suite there).
+A reduction per gradient would add e.g. +258 loop nests in the step for 256 tensors (an
+earlier version did). The counts also hold on 2.11 and 2.15 (checked with the suite there).
 """
 
 from __future__ import annotations
@@ -68,10 +69,10 @@ def test_clip_adds_constant_kernels(kind, n_tensors):
     with_clip = kernels(kind, n_tensors, clipped=True)
     extra = (with_clip[0] - plain[0], with_clip[1] - plain[1])
     assert extra == EXTRA[kind], (plain, with_clip)
-    assert sum(extra) <= 4  # the issue's bound per (device, dtype) group
+    assert sum(extra) <= 4  # the bound per (device, dtype) group the design promises
 
 
-# issue 10: the per-parameter norms come out of the same operator call, the history is written
+# The per-parameter norms come out of the same operator call, the history is written
 # outside the graphs, and an adaptive policy's threshold is one more extern call in the step
 # (``compileclip::threshold``). Measured the same at 16 tensors. (AGC is not constant: its
 # unit norms are two reductions per parameter, 16 -> +33 and 256 -> +513 loop nests.)

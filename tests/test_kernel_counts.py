@@ -45,9 +45,9 @@ ZOO = {
 }
 
 # (extra C++ functions, extra loop nests) the clip adds, measured on torch 2.13.0+cpu.
-# Since issue 9 the backward's norm is one extern call (compileclip::total_norm), no loop
-# nest and no C++ function of its own; issue 8's per-gradient reductions added e.g. 33 loop
-# nests for 64 gradients (tests/test_constant_kernels.py counts the extern calls too).
+# The backward's norms are one extern call (compileclip::grad_norms), no loop nest and no C++
+# function of their own; a reduction per gradient would add e.g. 33 loop nests for 64
+# gradients (tests/test_constant_kernels.py counts the extern calls too).
 PINNED = {
     "mlp": (0, 0),
     "encoder_layer": (0, 0),

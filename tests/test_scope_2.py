@@ -221,3 +221,36 @@ def test_attached_late_optimizer_is_clipped_with_the_group():
             torch.testing.assert_close(p, q)
         for o in (o1, o2, r1, r2):
             o.zero_grad()
+
+
+# -- two groups stepped interleaved --------------------------------------------------------------
+
+
+def interleaved_loop(models_, opts, clip, steps, i):
+    """G (two optimizers: matrices and the rest) and D (one), one backward, steps G1, D, G2.
+    Eager: clip_grad_norm_(G) before G1, clip_grad_norm_(D) before D, nothing before G2."""
+    (g, d), (g1, dd, g2) = models_, steps
+    for o in opts:
+        o.zero_grad(set_to_none=True)
+    z = torch.randn(6, 8)
+    (d(g(z)).pow(2).mean() + g(z).pow(2).mean()).backward()
+    if clip is None:
+        g1.clip_grads(g.parameters())
+    g1.raw()
+    dd()
+    g2.raw()
+
+
+def interleaved_opts(ms):
+    g, d = ms
+    mats = [p for p in g.parameters() if p.ndim == 2]
+    rest = [p for p in g.parameters() if p.ndim != 2]
+    return [torch.optim.SGD(mats, lr=0.1, momentum=0.9), torch.optim.AdamW(d.parameters(), lr=1e-2),
+            torch.optim.AdamW(rest, lr=1e-2)]
+
+
+def test_two_groups_stepped_interleaved(max_norm):
+    side = compare_with_eager(interleaved_loop, lambda: [nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8)),
+                                                         mlp()],
+                              interleaved_opts, max_norm=max_norm, iterations=3, **AOT)
+    assert side.clip.stats["step_already_clipped"] == 3, side.clip.stats
