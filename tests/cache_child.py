@@ -1,10 +1,11 @@
-"""Child process of test_cache.py: compile one model, report whether the step clipped it like eager.
+"""Child process of test_cache.py: compile one model in a fresh process (its own Inductor caches).
 
 usage: python cache_child.py plain|clip MAX_NORM
-Prints one JSON line: the max deviation from eager clip_grad_norm_ and cache counters.
+plain: train it under plain torch.compile (fills the caches). clip: train it compiled with the
+clip against eager clip_grad_norm_ (``harness.compare_with_eager``: an AssertionError, a nonzero
+exit, where it differs). Prints one JSON line: the clip's counters and the cache counters.
 """
 
-import copy
 import json
 import sys
 
@@ -12,34 +13,24 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import models as zoo  # noqa: E402
-from compileclip import clip_backend  # noqa: E402
+from harness import compare_with_eager  # noqa: E402
+from test_models import sgd, supervised  # noqa: E402
 
 mode, max_norm = sys.argv[1], float(sys.argv[2])
-torch.manual_seed(0)
-model = zoo.mlp(64)
-ref = copy.deepcopy(model)
-clip = clip_backend(max_norm=max_norm) if mode == "clip" else None
-compiled = torch.compile(model, backend=clip) if clip else torch.compile(model)
-opt = torch.optim.SGD(model.parameters(), lr=0.1)
-ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
-worst = 0.0
-for step in range(2):
-    x = torch.randn(6, 8)
-    for p in [*model.parameters(), *ref.parameters()]:
-        p.grad = None
-    compiled(x).pow(2).mean().backward()
-    ref(x).pow(2).mean().backward()
-    if clip:
-        norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
-    opt.step()  # the clip runs here, with the norm the backward graph computed
-    ref_opt.step()
-    if clip:
-        worst = max(worst, abs(float(clip.total_norm) - float(norm)))
-    worst = max(worst, *((p.grad - q.grad).abs().max().item() for p, q in zip(model.parameters(), ref.parameters())))
+loop, make_models = supervised(zoo.mlp_input), (lambda: [zoo.mlp(64)])
+if mode == "clip":
+    stats = dict(compare_with_eager(loop, make_models, sgd, max_norm=max_norm).clip.stats)
+else:  # no clip, nothing to compare: the same loop, to fill the caches
+    torch.manual_seed(0)
+    (model,) = make_models()
+    compiled, (opt,) = torch.compile(model), sgd([model])
+    for i in range(3):
+        torch.manual_seed(1000 + i)
+        loop([compiled], [opt], None, [opt.step], i)
+    stats = None
 counters = torch._dynamo.utils.counters
 print(json.dumps({
-    "worst": worst,
-    "stats": clip.stats if clip else None,
+    "stats": stats,
     "aot_cache": dict(counters["aot_autograd"]),
     "fx_cache": {k: v for k, v in counters["inductor"].items() if "fxgraph_cache" in k},
 }))

@@ -119,3 +119,16 @@ class GraphBreak(nn.Module):
         x = torch.relu(self.a(x))
         torch._dynamo.graph_break()
         return self.b(x)
+
+
+# -- optimizers and a loss shared by the step tests ------------------------------------------------
+
+OPTIMIZERS = {
+    "sgd": lambda params, foreach: torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=foreach),
+    "adam": lambda params, foreach: torch.optim.Adam(params, lr=1e-2, foreach=foreach),
+    "adamw": lambda params, foreach: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, foreach=foreach),
+}
+
+
+def loss_of(model, x: torch.Tensor) -> torch.Tensor:
+    return model(x).pow(2).mean()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import ACTIVE, INACTIVE
+from harness import ACTIVE, INACTIVE
 from test_policies import MODES, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,54 +1,55 @@
 """When may a step use the norm the backward graphs computed? Every case where it must not
-(the final .grad is not what one graph produced) against eager, with the counters that show
-which norm the step used."""
+(the final .grad is not what one graph produced) against eager ``clip_grad_norm_`` right
+before the step, with the clip active and inactive (``harness.py``), and the counters that
+show which norm the step used. The model is compiled with the clip; the step is eager."""
 
-import copy
+from collections import Counter
 
 import pytest
 import torch
 
 import models as zoo
-from compileclip import clip_backend
-from helpers import ACTIVE, INACTIVE, zero_grads
+from harness import ACTIVE, INACTIVE, compare_with_eager, isolated  # noqa: F401
+
+AOT = {"inner": "aot_eager"}
 
 
-def _train(make_model, loss_of, max_norm, steps=3, **backend_kwargs):
-    """SGD steps of a compiled copy and an eager copy (clip_grad_norm_ right before the step);
-    after each step: parameters, consumed .grad and total norm."""
-    torch.manual_seed(0)
-    model = make_model()
-    ref = copy.deepcopy(model)
-    clip = clip_backend(max_norm=max_norm, **backend_kwargs)
-    compiled = torch.compile(model, backend=clip)
-    opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (model, ref))
-    for step in range(steps):
-        torch.manual_seed(100 + step)
-        x = torch.randn(6, 8)
-        zero_grads(model, ref)
-        loss_of(model, compiled, x).backward()
-        loss_of(ref, ref, x).backward()
-        norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
-        assert (float(norm) > max_norm) == (max_norm == ACTIVE)
-        opt.step()
-        ref_opt.step()
-        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"step {step} grad {name}: {m}")
-            torch.testing.assert_close(p, q, msg=lambda m: f"step {step} param {name}: {m}")
-        torch.testing.assert_close(clip.total_norm, norm)
-    return clip.stats
+@pytest.fixture(params=[ACTIVE, INACTIVE], ids=["active", "inactive"])
+def max_norm(request):
+    return request.param
 
 
-def _plain(m, f, x):
-    return f(x).pow(2).mean()
+def sgd(ms):
+    return [torch.optim.SGD(ms[0].parameters(), lr=0.1, momentum=0.9)]
+
+
+def loop(loss_of):
+    """zero_grad, one backward of ``loss_of(model, x)``, step."""
+    def run(models_, opts, clip, steps, i):
+        (model,), (opt,), (step,) = models_, opts, steps
+        opt.zero_grad(set_to_none=True)
+        loss_of(model, torch.randn(6, 8)).backward()
+        step()
+    return run
+
+
+def train(make_model, loss_of, max_norm, **clip_kwargs) -> Counter:
+    """3 SGD steps against eager; the clip's counters (0 for those never counted)."""
+    side = compare_with_eager(loop(loss_of), lambda: [make_model()], sgd, max_norm=max_norm, **AOT, **clip_kwargs)
+    return Counter(side.clip.stats)
+
+
+def _plain(m, x):
+    return m(x).pow(2).mean()
 
 
 CASES = {
     # the norm of one graph that produced every final .grad: used
     "one_graph": (zoo.mlp, _plain, 3, 0),
     # two calls of the compiled model feed one loss: the graph runs twice, its outputs are summed
-    "called_twice": (zoo.mlp, lambda m, f, x: f(x).pow(2).mean() + f(x * 2).sum(), 0, 3),
+    "called_twice": (zoo.mlp, lambda m, x: m(x).pow(2).mean() + m(x * 2).sum(), 0, 3),
     # an eager L2 term adds to the graph's gradients
-    "eager_term": (zoo.mlp, lambda m, f, x: f(x).pow(2).mean() + 0.1 * sum(p.pow(2).sum() for p in m.parameters()), 0, 3),
+    "eager_term": (zoo.mlp, lambda m, x: m(x).pow(2).mean() + 0.1 * sum(p.pow(2).sum() for p in m.parameters()), 0, 3),
     # a graph break: two graphs, each norm covers its own parameters
     "graph_break": (zoo.GraphBreak, _plain, 3, 0),
     # frozen parameters have no gradient and are not in the step
@@ -56,24 +57,23 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("max_norm", [ACTIVE, INACTIVE], ids=["active", "inactive"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_handoff(case, max_norm):
     make_model, loss_of, from_backward, at_step = CASES[case]
-    stats = _train(make_model, loss_of, max_norm, inner="aot_eager")
-    assert stats.get("norm_from_backward", 0) == from_backward, stats
-    assert stats.get("norm_at_step", 0) == at_step, stats
+    stats = train(make_model, loss_of, max_norm)
+    assert stats["norm_from_backward"] == from_backward, stats
+    assert stats["norm_at_step"] == at_step, stats
+    assert stats["step_eager"] == 3, stats  # the step is not compiled: every one clips at the pre-hook
 
 
-@pytest.mark.parametrize("max_norm", [ACTIVE, INACTIVE], ids=["active", "inactive"])
 def test_user_changes_grad_between_backward_and_step(max_norm):
     """An in-place edit bumps the version counter: the step norms the edited gradients."""
-    def loss_of(m, f, x):
-        loss = f(x).pow(2).mean()
-        return _Edit.apply(loss, m)
+    def loss_of(m, x):
+        return _Edit.apply(m(x).pow(2).mean(), m)
 
-    stats = _train(zoo.mlp, loss_of, max_norm, inner="aot_eager")
-    assert stats.get("norm_at_step", 0) == 3, stats
+    with pytest.warns(UserWarning, match="the gradients were changed in place between backward"):
+        stats = train(zoo.mlp, loss_of, max_norm)
+    assert stats["norm_at_step"] == 3, stats
 
 
 class _Edit(torch.autograd.Function):
@@ -93,13 +93,13 @@ class _Edit(torch.autograd.Function):
         return g, None
 
 
-def test_fuse_false_never_uses_backward_norm():
-    stats = _train(zoo.mlp, _plain, ACTIVE, fuse=False, inner="aot_eager")
-    assert stats.get("norm_from_backward", 0) == 0 and stats["norm_at_step"] == 3, stats
+def test_fuse_false_never_uses_backward_norm(max_norm):
+    stats = train(zoo.mlp, _plain, max_norm, fuse=False)
+    assert stats["norm_from_backward"] == 0 and stats["norm_at_step"] == 3, stats
 
 
-def test_compiled_autograd_takes_norm_at_step():
+def test_compiled_autograd_takes_norm_at_step(max_norm):
     """Compiled autograd replaces our backward graphs: no records, the step norms (exact)."""
     with torch._dynamo.compiled_autograd._enable(torch.compile(backend="aot_eager")):
-        stats = _train(zoo.mlp, _plain, ACTIVE, inner="aot_eager")
-    assert stats.get("norm_from_backward", 0) == 0, stats
+        stats = train(zoo.mlp, _plain, max_norm)
+    assert stats["norm_from_backward"] == 0 and stats["norm_at_step"] == 3, stats

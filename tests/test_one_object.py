@@ -1,124 +1,129 @@
 """One clip object for model and step, and ``clip.compile_step``: the backward computes the
 norm, the compiled step folds the coefficient into its update; the step never runs unclipped.
-Shares the eager-comparison helpers of ``test_step.py``."""
+Each loop against eager ``clip_grad_norm_(params, max_norm); opt.step()`` with the clip active
+and inactive (``harness.py``), with the counters that show where the clip ran and which norm it
+used: micro-batches, gradients edited between backward and step (in place, by tensor hooks,
+by ``torch.autograd.grad``), a graph break, dynamic shapes, forward, backward and step in one
+``torch.compile``, Dynamo's recompile limit; and the kernels and recompiles it costs."""
 
 from __future__ import annotations
 
-import copy
+import gc
+import math
+from collections import Counter
 
 import pytest
 import torch
 import torch.nn as nn
 from torch._inductor import metrics
 
-from compileclip import clip_backend
-from helpers import ACTIVE, INACTIVE, assert_clip_state
-from models import GraphBreak
-from test_step import OPTIMIZERS, assert_same, assert_state_close, loss_of, small_mlp, train_against_eager
+import models
+from harness import (ACTIVE, INACTIVE, Step, compare_with_eager, in_fresh_process, isolated, new_clip,  # noqa: F401
+                     step_compiled)
+from models import OPTIMIZERS, GraphBreak, loss_of
+
+ONE_OBJECT = step_compiled(compile_model=True, direct=True)  # the model and opt.step, one clip
+
+
+@pytest.fixture(params=[ACTIVE, INACTIVE], ids=["active", "inactive"])
+def max_norm(request):
+    return request.param
+
+
+def opt_of(name: str, foreach: bool):
+    return lambda ms: [OPTIMIZERS[name](ms[0].parameters(), foreach)]
+
+
+def supervised(micro_batches: int = 1, edit_from: int | None = None, batches=None):
+    """zero_grad, ``micro_batches`` backwards, from iteration ``edit_from`` on the first
+    parameter's .grad doubled in place, step. ``batches``: the batch size of each iteration."""
+    def run(models_, opts, clip, steps, i):
+        (model,), (opt,), (step,) = models_, opts, steps
+        opt.zero_grad(set_to_none=True)
+        for _ in range(micro_batches):
+            loss_of(model, torch.randn(batches[i] if batches else 6, 8)).backward()
+        if edit_from is not None and i >= edit_from:
+            next(iter(model.parameters())).grad.mul_(2.0)
+        step()
+    return run
+
+
+def stats(side) -> Counter:
+    """The clip's counters; 0 for those it never counted."""
+    return Counter(side.clip.stats)
+
 
 # -- one object for model and step: clipped exactly once per step -----------------------------
 
 
-@pytest.mark.parametrize("max_norm", [ACTIVE, INACTIVE], ids=["active", "inactive"])
 @pytest.mark.parametrize("micro_batches", [1, 3])
 def test_one_object_for_model_and_step(micro_batches, max_norm):
-    _, clip = train_against_eager(
-        lambda m: OPTIMIZERS["sgd"](m.parameters(), False), max_norm=max_norm, steps=3,
-        compile_model=True, micro_batches=micro_batches,
-    )
+    side = compare_with_eager(supervised(micro_batches), lambda: [models.mlp()], opt_of("sgd", False), ONE_OBJECT,
+                              max_norm=max_norm)
     # the first step runs before its graph exists (torch.compile(opt.step) directly), so the
     # hook clips it eagerly; later steps clip in the graph. The backward's norm is used
     # unless the gradients were accumulated (from the very first step: issue 8, setup 11)
-    assert clip.stats["step_eager"] == 1 and clip.stats["step_in_graph"] == 2, clip.stats
-    assert clip.stats.get("norm_from_backward", 0) == (3 if micro_batches == 1 else 0), clip.stats
-
-
-def _double_first_grad_after_step_0():
-    calls = []
-
-    def before_step(model: nn.Module) -> None:
-        calls.append(model)
-        if len(calls) > 2:
-            next(iter(model.parameters())).grad.mul_(2.0)
-
-    return before_step
+    s = stats(side)
+    assert s["step_eager"] == 1 and s["step_in_graph"] == 2, s
+    assert s["norm_from_backward"] == (3 if micro_batches == 1 else 0), s
 
 
 @pytest.mark.parametrize("case", ["grad_changed_before_step", "graph_break"])
-def test_one_object_declines_the_backward_norm(case):
+def test_one_object_declines_the_backward_norm(case, max_norm):
     """Where the backward's norm is not the norm of exactly the gradients the step sees,
     the step computes its own, and the result still matches eager."""
-    kwargs = {}
-    make_opt = lambda m: OPTIMIZERS["adam"](m.parameters(), True)  # noqa: E731
-    if case == "grad_changed_before_step":
-        kwargs["before_step"] = _double_first_grad_after_step_0()
-    else:
-        kwargs["make_model"] = GraphBreak
-    _, clip = train_against_eager(make_opt, compile_model=True, **kwargs)
     if case == "graph_break":  # each graph's norm covers its own parameters: combined
-        assert clip.stats["norm_from_backward"] == 3, clip.stats
+        run, make, from_backward = supervised(), GraphBreak, 3
     else:  # from the second step on the gradients were edited
-        assert clip.stats["norm_from_backward"] == 1, clip.stats
+        run, make, from_backward = supervised(edit_from=1), models.mlp, 1
+    side = compare_with_eager(run, lambda: [make()], opt_of("adam", True), ONE_OBJECT, max_norm=max_norm)
+    assert stats(side)["norm_from_backward"] == from_backward, side.clip.stats
 
 
-def test_one_object_compiles_the_other_step_variant_when_first_needed():
+def test_one_object_compiles_the_other_step_variant_when_first_needed(max_norm):
     """The step graph compiles the variant its first call needs (here: taking the backward's
     norm) and the other one when a later step first needs it (here: step 3, whose gradients
     were edited after the backward, so the step computes the norm itself). Compiled at run
     time, outside Dynamo's tracing, from the call's real inputs; the steps match eager."""
-    calls = []
-
-    def before_step(model: nn.Module) -> None:
-        calls.append(model)
-        if len(calls) > 6:  # called for the model and for the eager reference: steps 3 and 4
-            next(iter(model.parameters())).grad.mul_(2.0)
-
-    _, clip = train_against_eager(
-        lambda m: OPTIMIZERS["adam"](m.parameters(), True), compile_model=True, steps=5,
-        before_step=before_step,
-    )
-    assert clip.stats["norm_from_backward"] == 3 and clip.stats["step_in_graph"] == 4, clip.stats
+    side = compare_with_eager(supervised(edit_from=3), lambda: [models.mlp()], opt_of("adam", True), ONE_OBJECT,
+                              max_norm=max_norm, iterations=5)
+    s = stats(side)
+    assert s["norm_from_backward"] == 3 and s["step_in_graph"] == 4, s
 
 
 def _halve_grad_in_place(p: torch.Tensor) -> None:
     p.grad.mul_(0.5)
 
 
+def edited_gradients(case: str):
+    """Gradients that reach .grad other than straight from the backward graph."""
+    def run(models_, opts, clip, steps, i):
+        (model,), (opt,), (step,) = models_, opts, steps
+        first = next(iter(model.parameters()))
+        if i == 0 and case == "tensor_hook":
+            first.register_hook(lambda g: g * 0.5)
+        elif i == 0 and case == "post_accumulate_hook":
+            first.register_post_accumulate_grad_hook(_halve_grad_in_place)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_of(model, torch.randn(6, 8))
+        if case == "autograd_grad":
+            params = list(model.parameters())
+            for p, g in zip(params, torch.autograd.grad(loss, params)):
+                p.grad = 3.0 * g
+        else:
+            loss.backward()
+        step()
+    return run
+
+
 @pytest.mark.parametrize("case", ["autograd_grad", "tensor_hook", "post_accumulate_hook"])
-def test_one_object_hand_off_declined_for_gradient_edits(case):
+def test_one_object_hand_off_declined_for_gradient_edits(case, max_norm):
     """Gradients that reach .grad other than straight from the backward graph: computed with
     torch.autograd.grad and assigned, or changed by the user's own hooks. The backward's
     norm is not handed on, and the result is eager's."""
-    torch.manual_seed(0)
-    model = small_mlp()
-    ref = copy.deepcopy(model)
-    opt, ref_opt = OPTIMIZERS["sgd"](model.parameters(), False), OPTIMIZERS["sgd"](ref.parameters(), False)
-    clip = clip_backend(max_norm=ACTIVE)
-    for m in (model, ref):
-        if case == "tensor_hook":
-            m[0].weight.register_hook(lambda g: g * 0.5)
-        elif case == "post_accumulate_hook":
-            m[0].weight.register_post_accumulate_grad_hook(_halve_grad_in_place)
-    forward, step = torch.compile(model, backend=clip), torch.compile(opt.step, backend=clip)
-    if True:
-        for i in range(3):
-            x = torch.randn(6, 8)
-            for m, fwd in ((model, forward), (ref, ref)):
-                loss = loss_of(fwd, x)
-                if case == "autograd_grad":
-                    grads = torch.autograd.grad(loss, list(m.parameters()))
-                    for p, g in zip(m.parameters(), grads):
-                        p.grad = 3.0 * g
-                else:
-                    loss.backward()
-            ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), ACTIVE)
-            ref_opt.step()
-            step()
-            assert_same(model, ref, opt, ref_opt, clip, ref_norm, f"step {i}")
-            opt.zero_grad()
-            ref_opt.zero_grad()
-    assert clip.stats.get("norm_from_backward", 0) == 0, clip.stats
-
+    side = compare_with_eager(edited_gradients(case), lambda: [models.mlp()], opt_of("sgd", False), ONE_OBJECT,
+                              max_norm=max_norm)
+    assert stats(side)["norm_from_backward"] == 0, side.clip.stats
 
 
 def test_one_object_norm_in_backward_coefficient_in_step():
@@ -135,7 +140,7 @@ def test_one_object_norm_in_backward_coefficient_in_step():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     opt = OPTIMIZERS["sgd"](model.parameters(), False)
-    clip = clip_backend(ACTIVE)
+    clip = new_clip(max_norm=ACTIVE)
     forward, step = torch.compile(model, backend=clip), torch.compile(opt.step, backend=clip)
     counts = []
     with torch._inductor.config.patch(fx_graph_cache=False):
@@ -156,105 +161,108 @@ def test_one_object_norm_in_backward_coefficient_in_step():
 
 
 @pytest.mark.parametrize("inner", ["inductor", "aot_eager"])
-def test_one_object_dynamic_shapes(inner):
+def test_one_object_dynamic_shapes(inner, max_norm):
     """Batch sizes that change every step under dynamic=True: the norm-computing backward and
     the norm-taking step variant still match eager."""
-    torch.manual_seed(0)
-    model = small_mlp()
-    ref = copy.deepcopy(model)
-    opt, ref_opt = OPTIMIZERS["adamw"](model.parameters(), True), OPTIMIZERS["adamw"](ref.parameters(), True)
-    clip = clip_backend(max_norm=ACTIVE, inner=inner)
-    forward = torch.compile(model, backend=clip, dynamic=True)
-    step = torch.compile(opt.step, backend=clip)
-    for i, batch in enumerate([3, 5, 7, 9, 4]):
-        x = torch.randn(batch, 8)
-        loss_of(forward, x).backward()
-        loss_of(ref, x).backward()
-        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), ACTIVE)
-        assert_clip_state(ref_norm, ACTIVE)
-        ref_opt.step()
-        step()
-        assert_same(model, ref, opt, ref_opt, clip, ref_norm, f"step {i}")
-        opt.zero_grad()
-        ref_opt.zero_grad()
+    batches = [3, 5, 7, 9, 4]
+    side = compare_with_eager(supervised(batches=batches), lambda: [models.mlp()], opt_of("adamw", True),
+                              step_compiled(compile_model=True, direct=True, dynamic=True),
+                              max_norm=max_norm, iterations=len(batches), inner=inner)
     # every step used the backward's norm (the first one in the hook, its graph not yet built)
-    assert clip.stats["norm_from_backward"] == 5, clip.stats
+    assert stats(side)["norm_from_backward"] == 5, side.clip.stats
 
 
-def test_whole_training_step_compiled_with_the_clip():
-    """One torch.compile over forward, backward, step and zero_grad: Dynamo splits it at
-    backward() and at the optimizer's own graph breaks, and the one backend sees the model
-    graph and the step graph, as with two compiles of one object."""
-    torch.manual_seed(0)
-    model = small_mlp()
-    ref = copy.deepcopy(model)
-    opt, ref_opt = OPTIMIZERS["adamw"](model.parameters(), True), OPTIMIZERS["adamw"](ref.parameters(), True)
-    clip = clip_backend(max_norm=ACTIVE)
+def whole_step_compiled(models_, opts, make):
+    """One ``torch.compile`` with the clip over zero_grad, forward, backward and the step."""
+    clip = make()
+    (model,), (opt,) = models_, opts
 
     @torch.compile(backend=clip)
     def train_step(x):
+        opt.zero_grad()
         loss = loss_of(model, x)
         loss.backward()
         opt.step()
-        opt.zero_grad()
         return loss
 
-    for i in range(4):
-        x = torch.randn(6, 8)
-        train_step(x)
-        loss_of(ref, x).backward()
-        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), ACTIVE)
-        assert_clip_state(ref_norm, ACTIVE)
-        ref_opt.step()
-        ref_opt.zero_grad()
-        for p, q in zip(model.parameters(), ref.parameters()):
-            torch.testing.assert_close(p, q, msg=lambda m: f"step {i}: {m}")
-        assert_state_close(opt, ref_opt, f"step {i}")
-        torch.testing.assert_close(clip.total_norm, ref_norm)
-    assert clip.stats["norm_from_backward"] == 4, clip.stats
+    return [train_step], [Step(opt, clip)]
+
+
+def whole_step_loop(models_, opts, clip, steps, i):
+    (f,), (opt,), (step,) = models_, opts, steps
+    x = torch.randn(6, 8)
+    if clip is None:  # eager: the same body, clip_grad_norm_ right before the step
+        opt.zero_grad()
+        loss_of(f, x).backward()
+        step()
+    else:
+        f(x)  # the compiled train step: the optimizer steps inside it
+        step.record()
+
+
+def test_whole_training_step_compiled_with_the_clip(max_norm):
+    """One torch.compile over zero_grad, forward, backward and step: Dynamo splits it at
+    backward() and at the optimizer's own graph breaks, and the one backend sees the model
+    graph and the step graph, as with two compiles of one object."""
+    side = compare_with_eager(whole_step_loop, lambda: [models.mlp()], opt_of("adamw", True), whole_step_compiled,
+                              max_norm=max_norm, iterations=4)
+    assert stats(side)["norm_from_backward"] == 4, side.clip.stats
 
 
 # -- clip.compile_step: the step never runs unclipped -----------------------------------------
 
 
-def _graphs_compiled() -> int:
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+def record_skipped(step: Step) -> None:
+    """Eager's skipped step: what it leaves, as ``Step.record`` would record it (whose check
+    that the step left .grad alone compares with torch.equal, false for nan)."""
+    step.records.append(([None if p.grad is None else p.grad.clone() for p in step.params()],
+                         step.reference.last_norm))
 
 
-@pytest.mark.parametrize("skip_nonfinite", [False, True], ids=["clip", "skip"])
-def test_compile_step_clips_eagerly_when_dynamo_falls_back(skip_nonfinite):
-    """At Dynamo's recompile limit compile_step's call raises inside Dynamo instead of running
-    the step uncompiled; the step then runs eagerly, clipped (or skipped) by the hook."""
-    torch.manual_seed(0)
-    model = small_mlp()
-    ref = copy.deepcopy(model)
-    opt, ref_opt = OPTIMIZERS["adam"](model.parameters(), True), OPTIMIZERS["adam"](ref.parameters(), True)
-    clip = clip_backend(max_norm=ACTIVE, skip_nonfinite=skip_nonfinite)
-    step = clip.compile_step(opt)
-    for i in range(4):
+def fallback_loop(nan_at: int | None):
+    """Steps 0 and 1 compiled; from step 2 on Dynamo is at its recompile limit for the step
+    (and falls back to running it eagerly). A nan in the input of step ``nan_at``."""
+    def run(models_, opts, clip, steps, i):
+        (model,), (opt,), (step,) = models_, opts, steps
+        opt.zero_grad(set_to_none=True)
         x = torch.randn(6, 8)
-        if skip_nonfinite and i == 3:
-            x[0, 0] = float("nan")
+        if i == nan_at:
+            x[0, 0] = math.nan
         loss_of(model, x).backward()
-        loss_of(ref, x).backward()
-        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), ACTIVE)
-        if torch.isfinite(ref_norm):
-            ref_opt.step()
-        if i < 2:
+        if clip is None:  # eager: clip_grad_norm_; skip_nonfinite: no step for a nonfinite norm
+            step.clip_grads()
+            if torch.isfinite(step.reference.last_norm):
+                step.raw()
+            else:
+                record_skipped(step)
+        elif i < 2:
             step()
-        else:  # Dynamo falls back to eager for this frame from now on
+        else:
             torch._dynamo.reset()
             with torch._dynamo.config.patch(recompile_limit=0):
                 step()
-        for p, q in zip(model.parameters(), ref.parameters()):
-            torch.testing.assert_close(p, q, msg=lambda m: f"step {i}: {m}")
-        assert_state_close(opt, ref_opt, f"step {i}")
-        torch.testing.assert_close(clip.total_norm, ref_norm, equal_nan=True)
-        opt.zero_grad()
-        ref_opt.zero_grad()
-    if skip_nonfinite:
-        assert int(clip.skipped_steps) == 1
-    assert clip.stats["step_recompile_limit"] == 2, clip.stats
+    return run
+
+
+def fallback_scenario(skip_nonfinite: bool, max_norm: float) -> None:
+    side = compare_with_eager(fallback_loop(3 if skip_nonfinite else None), lambda: [models.mlp()],
+                              opt_of("adam", True), step_compiled(compile_model=False), max_norm=max_norm,
+                              iterations=4, tol={"equal_nan": True} if skip_nonfinite else None,
+                              skip_nonfinite=skip_nonfinite)
+    # step 0 at the pre-hook (its graph not yet proved), step 1 in the graph, steps 2 and 3
+    # eagerly at the recompile limit; the model runs eagerly: every norm taken at the step
+    assert side.clip.stats == {"step_eager": 3, "step_in_graph": 1, "step_recompile_limit": 2,
+                               "norm_at_step": 3}, side.clip.stats
+    assert int(side.clip.skipped_steps) == (1 if skip_nonfinite else 0)
+
+
+@pytest.mark.parametrize("skip_nonfinite", [False, True], ids=["clip", "skip"])
+def test_compile_step_clips_eagerly_when_dynamo_falls_back(skip_nonfinite, max_norm):
+    """At Dynamo's recompile limit compile_step's call raises inside Dynamo instead of running
+    the step uncompiled; the step then runs eagerly, clipped (or skipped) by the hook. In a
+    fresh process: after the fallback Dynamo keeps the clip alive (torch._dynamo.reset() and
+    gc.collect() do not free it), and a live clip hears every optimizer step of the process."""
+    in_fresh_process(fallback_scenario, skip_nonfinite, max_norm)
 
 
 def test_compile_step_costs_no_recompile():
@@ -264,40 +272,41 @@ def test_compile_step_costs_no_recompile():
     for use_compile_step in (False, True):
         torch._dynamo.reset()
         torch.manual_seed(0)
-        model = small_mlp()
+        model = models.mlp()
         opt = OPTIMIZERS["sgd"](model.parameters(), False)
-        clip = clip_backend(max_norm=ACTIVE)
+        clip = new_clip(max_norm=ACTIVE)
         step = clip.compile_step(opt) if use_compile_step else torch.compile(opt.step, backend=clip)
-        before = _graphs_compiled()
+        before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         for _ in range(3):
             loss_of(model, torch.randn(6, 8)).backward()
             step()
             opt.zero_grad()
-        counts.append(_graphs_compiled() - before)
+        counts.append(torch._dynamo.utils.counters["stats"]["unique_graphs"] - before)
     assert counts[0] == counts[1], counts
 
 
 def test_compile_step_validates_its_argument():
     with pytest.raises(TypeError, match="compile_step needs a torch.optim.Optimizer, got Linear"):
-        clip_backend(1.0).compile_step(nn.Linear(2, 2))
+        new_clip(max_norm=1.0).compile_step(nn.Linear(2, 2))
 
 
-def test_clips_made_and_collected_between_steps_cost_no_recompile():
+def test_clips_made_and_collected_between_steps_cost_no_recompile(max_norm):
     """The traced part of torch's step hooks reads no state of compileclip: another clip object
-    appearing or being garbage-collected must not recompile the compiled step."""
-    import gc
-
-    model = small_mlp()
-    opt = OPTIMIZERS["adam"](model.parameters(), True)
-    step = clip_backend(max_norm=ACTIVE).compile_step(opt)
+    appearing or being garbage-collected must not recompile the compiled step, nor touch the
+    steps of either copy (the eager copy's too: the harness checks its .grad)."""
     others = []
-    for i in range(5):
+
+    def run(models_, opts, clip, steps, i):
+        (model,), (opt,), (step,) = models_, opts, steps
+        opt.zero_grad(set_to_none=True)
         loss_of(model, torch.randn(6, 8)).backward()
         with torch._dynamo.config.patch(error_on_recompile=i >= 2):
             step()
-        opt.zero_grad()
         if i % 2:  # the number of live clips changes at every step
-            others.append(clip_backend(max_norm=1.0))
+            others.append(new_clip(max_norm=1.0))
         else:
             others.clear()
             gc.collect()
+
+    compare_with_eager(run, lambda: [models.mlp()], opt_of("adam", True), step_compiled(compile_model=False),
+                       max_norm=max_norm, iterations=5)
