@@ -132,7 +132,9 @@ def plan_step(f: StepFacts) -> StepPlan:
     # GRAD_SCALE: the backward's norms are of the scaled gradients (no scaler attached)
     use_backward = f.fuse and f.trusted and not f.dtensor and unscale is not Unscale.GRAD_SCALE
     if f.closure:
-        return StepPlan(Action.AFTER_CLOSURE, unscale=unscale, sync_skip=f.skip_nonfinite or unscale is Unscale.SCALER)
+        # the closure's backward leaves fresh records: its norms are used where they hold
+        return StepPlan(Action.AFTER_CLOSURE, use_backward=use_backward, unscale=unscale,
+                        sync_skip=f.skip_nonfinite or unscale is Unscale.SCALER)
     if f.compiled_frame and f.graph_ready and f.fuse and unscale is not Unscale.GRAD_SCALE:
         if f.group_is_step:  # the graph unscales an attached scaler's gradients itself
             return StepPlan(Action.IN_GRAPH, use_backward=use_backward,

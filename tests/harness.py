@@ -122,7 +122,7 @@ class Step:
             for k, (g, b) in enumerate(zip(grads, before or grads)):
                 # SGD/Adam(W) do not write .grad: a change means a global optimizer hook of the
                 # library touched an optimizer it does not own
-                assert (g is None) == (b is None) and (g is None or torch.equal(g, b)), (
+                assert (g is None) == (b is None) and (g is None or g.equal(b) or bool(((g == b) | (g.isnan() & b.isnan())).all())), (
                     f"the .grad of parameter {k} of an eager optimizer changed during its step: a "
                     "global optimizer hook of compileclip clipped it?")
             norm = getattr(self.reference, "last_norm", None)
@@ -221,11 +221,24 @@ def assert_clip_state(ref_norm: torch.Tensor, max_norm: float) -> None:
         assert (float(ref_norm) > max_norm) == (max_norm == ACTIVE), (float(ref_norm), max_norm)
 
 
-def _close(a, b, tol, msg) -> None:
+def _close(a, b, tol, msg, coef: float = 1.0) -> None:
+    """``coef``: the eager clip's coefficient of this step. With the default tolerances the
+    absolute one shrinks with it: clipped gradients are small, and assert_close's 1e-5 would
+    hide a 1% error in the coefficient at max_norm 1e-2. Inductor's rounding scales with the
+    gradients, so the clipped ones keep the room the unclipped ones have."""
     if tol == "bitwise":
         assert a.dtype == b.dtype and torch.equal(a, b), msg(f"not bitwise equal: max diff {float((a - b).abs().max())}")
-    else:
-        torch.testing.assert_close(a, b, **(tol or {}), msg=msg)
+        return
+    if tol is None and coef < 1.0 and b.dtype == torch.float32:
+        tol = {"rtol": 1.3e-6, "atol": 1e-5 * coef}
+    torch.testing.assert_close(a, b, **(tol or {}), msg=msg)
+
+
+def _coef(ref_norm, max_norm) -> float:
+    """Eager's clip coefficient, where a plain number ``max_norm`` clipped a finite norm."""
+    if not isinstance(max_norm, float) or ref_norm is None or not bool(torch.isfinite(ref_norm)):
+        return 1.0
+    return min(1.0, max_norm / (float(ref_norm) + 1e-6))
 
 
 def compare(trace: list, ref_trace: list, max_norm: float | None, tol=None) -> None:
@@ -246,7 +259,7 @@ def compare(trace: list, ref_trace: list, max_norm: float | None, tol=None) -> N
                 for n, (g, rg) in enumerate(zip(grads, ref_grads)):
                     assert (g is None) == (rg is None), f"{what}: .grad of param {n} is None on one side only"
                     if g is not None:
-                        _close(g, rg, tol, lambda m: f"{what}: .grad of param {n}: {m}")
+                        _close(g, rg, tol, lambda m: f"{what}: .grad of param {n}: {m}", _coef(ref_norm, max_norm))
         for m, (named, ref_named) in enumerate(zip(params, ref_params)):
             for (name, p), (_, q) in zip(named, ref_named):
                 _close(p, q, tol, lambda msg: f"iteration {i}: model {m} param {name}: {msg}")
@@ -276,12 +289,29 @@ def compare_with_eager(run, make_models, make_opts, setup=whole_model(), *, max_
     return compiled
 
 
+def _reporting(fn, args):
+    try:
+        return True, fn(*args)
+    except BaseException:  # pytest's outcomes do not pickle: send the traceback as text
+        import traceback
+
+        return False, traceback.format_exc()
+
+
 def in_fresh_process(fn, *args):
     """``fn(*args)`` in a new Python process (for what leaves state behind in this one);
-    returns its result, or raises its exception here. ``fn`` must be importable."""
+    returns its result, or fails here with the child's traceback. ``fn`` must be importable."""
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:
-        return pool.apply(fn, args)
+        ok, out = pool.apply(_reporting, (fn, args))
+    if not ok:
+        pytest.fail(f"in a fresh process:\n{out}", pytrace=False)
+    return out
+
+
+def stats(clip) -> dict:
+    """The clip's counters that are not zero."""
+    return {k: v for k, v in clip.stats.items() if v}
 
 
 def per_opt(factory: Callable):

@@ -1,6 +1,8 @@
 """Norm monitoring (issue 10): ``history=N`` and ``per_param_norms=True``, against the eager
 references of ``reference_clip.py`` over the training loop of test_adaptive.py (24 steps,
-norm spikes at steps 13 and 19), with the clip in the model, the step or both.
+norm spikes at steps 13 and 19; parameters, ``.grad``, optimizer state, total norm and
+threshold compared after every step, on ``harness.py``), with the clip in the model, the
+step or both.
 
 - ``clip.history`` / ``clip.thresholds``: the pre-clip norms and thresholds of the last
   ``min(steps, N)`` steps, oldest first, checked after every step (so also after the ring
@@ -13,10 +15,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+import models
 from compileclip import AGC, Percentile, ZScore
+from harness import isolated  # noqa: F401
 from reference_clip import AGCRef, FixedRef, PercentileRef, ZScoreRef
-from test_adaptive import MODES, run_against_reference
-from test_step import small_mlp
+from test_adaptive import run_against_reference
+from test_policies import MODES
 
 POLICIES = {  # name -> (policy, reference)
     "fixed": lambda: (0.5, FixedRef(0.5)),
@@ -78,7 +82,7 @@ def test_history_before_the_spike_leaves():
 def test_per_param_norms(mode, policy):
     """After every step, each gradient's pre-clip norm by name and as one vector (its order
     is not specified: compared sorted)."""
-    names = [n for n, _ in small_mlp().named_parameters()]
+    names = [n for n, _ in models.mlp().named_parameters()]
 
     def check(i, clip, log, model):
         what = f"step {i + 1}"

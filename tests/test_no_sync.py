@@ -16,8 +16,9 @@ import contextlib
 import pytest
 import torch
 
-from compileclip import AGC, Percentile, ZScore, clip_backend
-from test_step import small_mlp
+import models
+from compileclip import AGC, Percentile, ZScore
+from harness import isolated, new_clip  # noqa: F401
 
 _READS = ("item", "__bool__", "__float__", "__int__", "tolist")
 
@@ -59,9 +60,9 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 @pytest.mark.parametrize("mode", ["backward", "step", "both"])
 def test_no_host_sync_during_steps(mode, option, device):
     torch.manual_seed(0)
-    model = small_mlp().to(device)
+    model = models.mlp().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    clip = clip_backend(**OPTIONS[option])
+    clip = new_clip(**OPTIONS[option])
     forward = torch.compile(model, backend=clip) if mode != "step" else model
     step = torch.compile(opt.step, backend=clip) if mode != "backward" else opt.step
     xs = [torch.randn(6, 8, device=device) for i in range(10)]

@@ -32,9 +32,10 @@ TABLE = [
     ("skip_nonfinite, eager", F(skip_nonfinite=True), StepPlan(Action.EAGER, use_backward=True, sync_skip=True)),
     ("sparse gradients", F(sparse=True), Action.RAISE),
     # -- closures
-    ("closure", F(closure=True), StepPlan(Action.AFTER_CLOSURE)),
-    ("closure, no gradient before it", F(closure=True, grads=0), StepPlan(Action.AFTER_CLOSURE)),
-    ("closure after a clipped step", F(closure=True, clipped=Clipped.ALL), StepPlan(Action.AFTER_CLOSURE)),
+    ("closure", F(closure=True), StepPlan(Action.AFTER_CLOSURE, use_backward=True)),
+    ("closure, no gradient before it", F(closure=True, grads=0), StepPlan(Action.AFTER_CLOSURE, use_backward=True)),
+    ("closure after a clipped step", F(closure=True, clipped=Clipped.ALL), StepPlan(Action.AFTER_CLOSURE, use_backward=True)),
+    ("closure, not trusted", F(closure=True, trusted=False), StepPlan(Action.AFTER_CLOSURE)),
     # -- compiled steps
     ("compiled step, graph not run yet", F(compiled_frame=True), EAGER),
     ("compiled step graph", F(**COMPILED), IN_GRAPH),

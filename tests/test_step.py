@@ -253,19 +253,3 @@ def test_clip_adds_only_the_norm_loops(name, foreach):
 def test_step_writes_grad_is_validated():
     with pytest.raises(TypeError, match="step_writes_grad"):
         clip_backend(1.0, step_writes_grad="yes")
-
-
-# -- still imported by test_adaptive, test_monitoring, test_monitor_loops and test_no_sync (being
-# moved to harness.py and models.py): drop once `grep -rn "from test_step" tests/` finds nothing
-
-small_mlp = models.mlp  # the same layers
-
-
-def assert_state_close(opt: torch.optim.Optimizer, ref_opt: torch.optim.Optimizer, what: str) -> None:
-    params = [p for g in opt.param_groups for p in g["params"]]
-    ref_params = [p for g in ref_opt.param_groups for p in g["params"]]
-    for i, (p, q) in enumerate(zip(params, ref_params)):
-        state, ref_state = opt.state.get(p, {}), ref_opt.state.get(q, {})
-        assert state.keys() == ref_state.keys(), (what, i, state.keys(), ref_state.keys())
-        for key in state:
-            torch.testing.assert_close(state[key], ref_state[key], msg=lambda m: f"{what} state[{i}][{key!r}]: {m}")
