@@ -190,10 +190,11 @@ class ClipBackend:
         self._runtime.monitors.get().plot(path, title=title)
 
     def monitor(self, optimizer: torch.optim.Optimizer | None = None):
-        """The record of ``optimizer``'s steps (``history``, ``thresholds``, ``threshold``,
-        ``suggest_max_norm``, ``param_norms``, ``named_norms``, ``plot``): one per optimizer,
-        so a GAN's generator and discriminator each have their own norms and policy
-        statistics, as two eager clips would. The clip's own properties read the only one."""
+        """The record of the steps of ``optimizer``'s group (``history``, ``thresholds``,
+        ``threshold``, ``suggest_max_norm``, ``param_norms``, ``named_norms``, ``plot``): one per
+        group, so a GAN's generator and discriminator each have their own norms and policy
+        statistics, as two eager clips would, and a model's two optimizers share one. The
+        clip's own properties read the only one."""
         return self._runtime.monitors.get(self._group_key(optimizer))
 
     def _group_key(self, optimizer):
@@ -276,7 +277,7 @@ class ClipBackend:
             raise
         except BaseException:
             # Dynamo keeps a backend that raised alive: it must not take unknown optimizers
-            self._runtime.failed = True
+            self._runtime.compile_failed()
             raise
 
     def _compile(self, gm: fx.GraphModule, example_inputs: list[Any], mode, options) -> Any:
@@ -291,7 +292,7 @@ class ClipBackend:
         leaf_idx = {i: t for i, t in enumerate(example_inputs)
                     if isinstance(t, torch.Tensor) and t.requires_grad and t.is_leaf}
         rt.scope.add_graph(mods, leaf_idx.values())
-        rt.graphs += 1
+        rt.graph_compiled()
         rewrite = None
         if leaf_idx and self.config.fuse and (self.config.computes_norm or rt.scaler is not None):
             # no reference to self: AOTAutograd may keep this past torch._dynamo.reset(), and a
@@ -324,10 +325,12 @@ def clip_backend(
         step()                             # or opt.step(): clipped either way
         clip.total_norm                    # pre-clip norm, device tensor, no sync
 
-    The clip covers the parameters of the stepping optimizer that have a ``.grad``, as eager
-    ``clip_grad_norm_(opt_params, ...)`` right before ``opt.step()``. The backward graphs
-    compute the norm where the gradients are produced; the step uses it where it provably is
-    the norm of the final ``.grad``. ``scaler``: the ``torch.amp.GradScaler`` whose scaled
+    Each step clips its group: the modules compiled with this clip whose leaves the stepping
+    optimizer holds, and the parameters of every optimizer holding leaves of them, once per
+    backward, as eager ``clip_grad_norm_(group, ...)`` right before the group's first step
+    (``clip.attach`` names what cannot be inferred; see the README's scope rule). The
+    backward graphs compute each gradient's norm where it is produced; the step uses it where
+    it provably is the norm of the final ``.grad``. ``scaler``: the ``torch.amp.GradScaler`` whose scaled
     gradients a compiled step unscales (see the README). ``max_norm`` may be an adaptive
     policy: ``Percentile`` (AutoClip), ``ZScore`` (ZClip) or ``AGC`` (NFNets).
     ``history=N`` keeps the last N norms and thresholds on the device (``history``,

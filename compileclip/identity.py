@@ -1,7 +1,7 @@
 """Identity and version checks over many gradients, batched.
 
-The records of the backward graphs (``records.GraphRun``) are checked at every step: is every
-``.grad`` still the tensor the graph returned, with an unchanged version counter? The checks
+The records of the backward graphs (``records.BackwardRun``) are checked at the steps that use
+them: is each ``.grad`` still the tensor the graph returned, with an unchanged version counter? The checks
 here are comprehensions and ``map`` calls over C functions, a handful per gradient and step;
 what they cost is mostly torch's own attribute access (``.grad``, ``._version``: about 0.1 us
 each on the development CPU). ``bench/record_overhead.py`` measures them.
@@ -52,10 +52,6 @@ def data_ptrs(tensors: Sequence[torch.Tensor]) -> list[int]:
 
 def versions(tensors: Sequence[torch.Tensor]) -> list[int]:
     return list(map(_version_of, tensors))
-
-
-def all_identical(xs: Sequence, ys: Sequence) -> bool:
-    return len(xs) == len(ys) and all(map(operator.is_, xs, ys))
 
 
 def step_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:

@@ -21,7 +21,7 @@ from .policies import AGC, Percentile, ZScore
 
 
 class Monitor:
-    """One optimizer's record (``clip.monitor(opt)``; the clip's own properties read the only
+    """One group's record (``clip.monitor(opt)``; the clip's own properties read the only
     one): ``history``, ``thresholds``, ``threshold``, ``suggest_max_norm``, ``param_norms``,
     ``named_norms``, ``plot``, and ``state_dict``/``load_state_dict`` to resume."""
 
@@ -164,9 +164,9 @@ class Monitor:
 
 
 class Monitors:
-    """The monitors of one clip, one per optimizer, created at its first step. A monitor
-    outlives its optimizer (it holds only tensors): a function that trains and returns the
-    clip still reads the history."""
+    """The monitors of one clip, one per group, keyed by the group's first optimizer, created at
+    its first step. A monitor outlives its optimizer (it holds only tensors): a function that
+    trains and returns the clip still reads the history."""
 
     def __init__(self, config) -> None:
         self.config = config
@@ -198,8 +198,9 @@ class Monitors:
         live = [mon for ref, mon in self._entries if ref is None or ref() is not None]
         if len(live) > 1:
             raise RuntimeError(
-                f"compileclip: this clip clipped the steps of {len(live)} optimizers, each with its "
-                "own norm history and statistics: read them with clip.monitor(optimizer)"
+                f"compileclip: this clip clipped the steps of {len(live)} groups (separately compiled "
+                "models with their own optimizers), each with its own norm history and statistics: "
+                "read them with clip.monitor(optimizer)"
             )
         return live[0] if live else self._entries[-1][1]
 

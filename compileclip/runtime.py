@@ -81,6 +81,12 @@ class ClipRuntime:
         self._consts: dict = {}
         self._warned: set[str] = set()
 
+    def graph_compiled(self) -> None:
+        self.graphs += 1
+
+    def compile_failed(self) -> None:
+        self.failed = True
+
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -194,17 +200,19 @@ class ClipRuntime:
         own = identity.step_params(opt)
         clipped, grew = self._clipped_state(opt, own, self.marks.get(id(group.key)))
         grads = [p.grad for p in params]
+        closure = (args[1] if len(args) > 1 else kwargs.get("closure")) is not None
         stage = None
         if self.scaler is not None:
             stage = self.scaler._per_optimizer_states[id(opt)]["stage"].name
         return StepFacts(
             grads=len(params), excluded=group.explicit and not group.params,
             clipped=clipped, group_grew=grew,
-            closure=(args[1] if len(args) > 1 else kwargs.get("closure")) is not None,
+            closure=closure,
             compiled_frame=compiled_frame, graph_ready=opt in self.graph_ready,
             group_is_step=identity.ids(params) == identity.ids(own),
             sparse=any(g.is_sparse for g in grads), dtensor=any(map(eager.is_dtensor, grads[:1])),
-            fuse=cfg.fuse, computes_norm=cfg.computes_norm, trusted=eager.trusted(self),
+            fuse=cfg.fuse, computes_norm=cfg.computes_norm,
+            trusted=eager.trusted(self) if self.runs or closure else True,  # only records need trust
             # only an IN_GRAPH plan asks (whether to hand the backward's norms to the graph)
             backward_covers_step=compiled_frame and opt in self.graph_ready and eager.covered(self, params),
             scaler_stage=stage, grad_scale_set=getattr(opt, "grad_scale", None) is not None,
@@ -275,6 +283,21 @@ class ClipRuntime:
                         del opt.state[p][key]
 
     # -- the compiled step graph's side of IN_GRAPH ---------------------------------------------
+    def graph_done(self, opt, clipped: bool, total, thr, nonfinite, guarded: bool, state_before=None) -> None:
+        """A compiled step graph returned: its norm (when it clipped), its nonfinite flag (a
+        skipped step: counted; optimizer state its first step created is dropped at the next
+        pre-hook, as eager would never have created it)."""
+        if state_before is not None and bool(nonfinite):
+            # one host read, on the graph's first step only (later steps run another graph)
+            self.state_drops.append((weakref.ref(opt), state_before))
+        if clipped and self.config.computes_norm:
+            mon = self.monitor(self.scope.group(opt)) if opt is not None else self.monitors.for_optimizer(None)
+            self.finish(total, eager.threshold_for(self, total, mon) if thr is None else thr, mon)
+        if guarded:
+            self.count_skipped(nonfinite)
+            if self.open is not None:
+                self.open.skipped = nonfinite
+
     def graph_call(self, opt) -> tuple[bool, torch.Tensor | None]:
         """For a compiled step graph of this clip: (whether it clips, the handed norm)."""
         if opt is not None:

@@ -116,7 +116,7 @@ def compile_step_graph(backend: ClipBackend, gm: fx.GraphModule, example_inputs:
     optimizer = optimizers[0] if len(optimizers) == 1 else None
     if optimizer is not None and is_fused(optimizer):  # Dynamo runs the fused kernel eagerly
         return compile_graph(config.inner, gm, example_inputs, config_patches=patches)
-    rt.graphs += 1
+    rt.graph_compiled()
     for opt in optimizers:
         rt.scope.know(opt)
     if not config.fuse:  # the plan clips at the pre-hook (or here, for an unplanned step)

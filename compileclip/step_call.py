@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .eager import is_dtensor, threshold_for
+from .eager import is_dtensor
 from .passes import GraphSignature
 
 
@@ -48,25 +48,12 @@ class ClippedStep:
         if self.cudagraphs:
             added = {k: v.clone() for k, v in added.items()}
         nonfinite = added.get("nonfinite")
-        if state_before is not None and bool(nonfinite):
-            # the graph of a step that creates optimizer state stores it unguarded, where eager
-            # skips opt.step() and has none: removed at the next pre-hook (Dynamo installs the
-            # state after this call returns, and picks the next graph by it). One host read, on
-            # the first step only (later steps run another graph)
-            rt.state_drops.append((weakref.ref(opt), state_before))
         total = added.get("total_norm", handed)
         if is_dtensor(total):  # FSDP2: replicated, the same on every rank
             total = total.full_tensor()
-        if clip and rt.config.computes_norm:
-            mon = self._monitor(opt)
-            if "param_norms" in added:
-                mon.record_param_norms(added["param_norms"], self.variants.grad_params)
-            thr = added.get("threshold")
-            rt.finish(total, threshold_for(rt, total, mon) if thr is None else thr, mon)
-        if self.variants.guarded:
-            rt.count_skipped(nonfinite)
-            if rt.open is not None:
-                rt.open.skipped = nonfinite
+        if clip and "param_norms" in added:
+            self._monitor(opt).record_param_norms(added["param_norms"], self.variants.grad_params)
+        rt.graph_done(opt, clip, total, added.get("threshold"), nonfinite, self.variants.guarded, state_before)
         if amp_state is not None:
             from torch.amp.grad_scaler import OptState
 

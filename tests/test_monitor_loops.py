@@ -88,7 +88,7 @@ def test_gan_each_optimizer_has_its_own_statistics():
     assert_monitor(clip.monitor(opt_g), logs["gen"].log, 12, "gen")
     clipped = [e["thr"] < float(e["norm"]) for e in logs["disc"].log]
     assert all(clipped[i] for i in spikes) and not all(clipped), clipped  # the discriminator's spikes clipped
-    with pytest.raises(RuntimeError, match=r"steps of 2 optimizers.*clip.monitor\(optimizer\)"):
+    with pytest.raises(RuntimeError, match=r"steps of 2 groups.*clip.monitor\(optimizer\)"):
         clip.history  # noqa: B018
 
 
