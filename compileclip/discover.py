@@ -4,13 +4,15 @@ ran and the clip knows no leaf. The modules it was given to are found through th
 ``torch.compile`` wrappers that hold it (``torch.compile(model, backend=clip)``,
 ``model.compile(backend=clip)``): a scan of the objects the garbage collector tracks.
 
-The same scan finds the optimizers of a clip that no step has shown it yet (``find_optimizers``),
-when an optimizer it does not know steps right after one of its backwards.
+The same scan finds the optimizers of a clip that no step has shown it yet (``find_optimizers``):
+when an optimizer it does not know steps right after one of its backwards, and before a group's
+clip when some of its leaves are held by none of its known optimizers (``complete_group``).
 
 Bounded: a scan runs only when an optimizer that no clip claims steps while a clip that has
-compiled nothing lives (at most once per such optimizer and set of those clips), or right after
-a backward of a clip that knows no optimizer for its gradients (at most once per change of its
-scope). Measured in ``bench/scope_overhead.py``. Nothing else on the step path looks at the heap.
+compiled nothing lives (at most once per such optimizer and set of those clips), or when a clip
+cannot tell its groups' optimizers (at most once per change of its scope: its first steps, and
+after a recompile). Measured in ``bench/scope_overhead.py``. Nothing else on the step path looks
+at the heap.
 """
 
 from __future__ import annotations
@@ -100,6 +102,21 @@ def find_optimizers(rt) -> None:
         if rt.scope.claims(opt):
             rt.scope.know(opt)
     _searched[rt] = rt.scope.version
+
+
+def complete_group(rt, group) -> bool:
+    """Before a group's first clip: if leaves of its units with a gradient are held by none of
+    its known optimizers (Muon over the matrices, AdamW over the rest, whose first step comes
+    second), find the other optimizers (``find_optimizers``) so that the clip covers what eager
+    ``clip_grad_norm_(model.parameters())`` covers. True if the scope changed."""
+    if group.explicit or not group.units:
+        return False
+    held = {id(p) for o in group.optimizers for g in o.param_groups for p in g["params"]}
+    if all(id(p) in held for u in group.units for p in u.params() if p.grad is not None):
+        return False
+    version = rt.scope.version
+    find_optimizers(rt)
+    return rt.scope.version != version
 
 
 def warn_if_graphless(rt, opt) -> None:

@@ -50,6 +50,13 @@ def data_ptrs(tensors: Sequence[torch.Tensor]) -> list[int]:
     return list(map(_data_ptr_of, tensors))
 
 
+def key(t: torch.Tensor) -> tuple[int, int]:
+    """(address, version) of a gradient: which tensor it is while it lives, and whether it was
+    written since. A DTensor's address is its local shard's (its own is 0)."""
+    local = getattr(t, "_local_tensor", None)
+    return ((local if local is not None else t).data_ptr(), t._version)
+
+
 def versions(tensors: Sequence[torch.Tensor]) -> list[int]:
     return list(map(_version_of, tensors))
 

@@ -23,7 +23,7 @@ from collections import Counter
 
 import torch
 
-from . import eager, hooks, identity
+from . import discover, eager, hooks, identity
 from .config import ClipConfig
 from .monitor import Monitor, Monitors
 from .plan import Action, Clipped, StepFacts, StepPlan, plan_step
@@ -182,6 +182,8 @@ class ClipRuntime:
         self._run_state_drops()
         self.scope.know(opt)
         group = self.scope.group(opt)
+        if discover.complete_group(self, group):  # the group's other optimizers, found once
+            group = self.scope.group(opt)
         facts = self.facts(opt, group, args, kwargs, compiled_frame)
         plan = plan_step(facts)
         if plan.action is Action.RAISE:
@@ -225,7 +227,7 @@ class ClipRuntime:
     def _clipped_state(opt, own: list, marks: Marks | None) -> tuple[Clipped, bool]:
         if marks is None or not own or id(opt) in marks.consumers:  # a second step: not this backward's
             return Clipped.NONE, False
-        same = [marks.grads.get(id(p)) == (p.grad.data_ptr(), p.grad._version) for p in own]
+        same = [marks.grads.get(id(p)) == identity.key(p.grad) for p in own]
         if all(same):
             return Clipped.ALL, False
         if any(same) and all(id(p) not in marks.members for p, s in zip(own, same) if not s):
@@ -235,7 +237,7 @@ class ClipRuntime:
     def mark_clipped(self, step: OpenStep, opt) -> None:
         """After a clip: the group's gradients as they are now, for the group's later steps."""
         params = [p for p in step.group.params if p.grad is not None]
-        self.marks[id(step.group.key)] = Marks({id(p): (p.grad.data_ptr(), p.grad._version) for p in params},
+        self.marks[id(step.group.key)] = Marks({id(p): identity.key(p.grad) for p in params},
                                                frozenset(map(id, step.group.params)), {id(opt)}, step.skipped)
 
     def end_step(self, opt) -> None:

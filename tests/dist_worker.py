@@ -62,6 +62,10 @@ CASES = {
     "zero_model": dict(wrapper="ddp", compiled="model", optim="zero_sgd"),
     "zero_monitor": dict(wrapper="ddp", compiled="model", optim="zero_adamw", monitor=True),
     "zero_step": dict(wrapper="ddp", compiled="model+step", optim="zero_adamw"),
+    # one model, two optimizers (SGD with momentum for the matrices, AdamW for the rest):
+    # clipped jointly once, at the first step; the second finds its gradients clipped
+    "ddp_two_optimizers": dict(wrapper="ddp", compiled="model", optim="two"),
+    "fsdp_two_optimizers": dict(wrapper="fsdp", compiled="model", optim="two"),
 }
 MONITOR_STEPS, SPIKE_STEP, SPIKE = 6, 4, 50.0
 
@@ -88,7 +92,26 @@ class Net(nn.Module):
         return self.head(x)
 
 
+class TwoOptimizers:
+    """Matrices stepped by SGD with momentum, the rest by AdamW; ``step()`` steps both."""
+
+    def __init__(self, params) -> None:
+        params = list(params)
+        self.opts = [torch.optim.SGD([p for p in params if p.ndim == 2], lr=0.1, momentum=0.9),
+                     torch.optim.AdamW([p for p in params if p.ndim != 2], lr=1e-2, weight_decay=0.1)]
+
+    def step(self) -> None:
+        for o in self.opts:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.opts:
+            o.zero_grad(set_to_none=set_to_none)
+
+
 def make_opt(name: str, params):
+    if name == "two":
+        return TwoOptimizers(params)
     if name.startswith("zero_"):
         from torch.distributed.optim import ZeroRedundancyOptimizer
 

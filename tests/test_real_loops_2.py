@@ -58,7 +58,11 @@ def test_closure_step(max_norm):
 # -- 11. GradScaler ----------------------------------------------------------------------------
 
 
-def test_grad_scaler(max_norm):
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_grad_scaler(max_norm, fused):
+    """``scaler.step(opt)`` with the model compiled with the clip. A fused AdamW gets the
+    still-scaled gradients and ``opt.grad_scale`` from the scaler; the clip unscales them first,
+    as ``unscale_`` would, so that it clips eager's gradients."""
     scalers = per_opt(lambda opt: torch.amp.GradScaler("cpu", init_scale=2.0**10))
 
     def loop(models_, opts, clip, steps, i):
@@ -75,7 +79,7 @@ def test_grad_scaler(max_norm):
         scaler.update()
         assert scaler.get_scale() == 2.0**10  # no overflow (the scale grows after 2000 steps)
 
-    compare_with_eager(loop, lambda: [models.mlp()], adamw, max_norm=max_norm, **AOT)
+    compare_with_eager(loop, lambda: [models.mlp()], lambda ms: adamw(ms, fused=fused), max_norm=max_norm, **AOT)
 
 
 # -- 12. resume from a checkpoint --------------------------------------------------------------
