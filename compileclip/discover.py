@@ -25,6 +25,7 @@ import torch
 
 _scanned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # opt -> ids of the clips scanned for
 _searched: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # runtime -> scope version searched at
+_completed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # runtime -> {id(group key): version checked}
 _LINKS = ("dynamo_ctx", "callback", "_torchdynamo_orig_backend", "_inner_convert", "compiler_fn")
 
 
@@ -111,6 +112,10 @@ def complete_group(rt, group) -> bool:
     ``clip_grad_norm_(model.parameters())`` covers. True if the scope changed."""
     if group.explicit or not group.units:
         return False
+    checked = _completed.setdefault(rt, {})
+    if checked.get(id(group.key)) == rt.scope.version:  # once per change of the scope: not every step
+        return False
+    checked[id(group.key)] = rt.scope.version
     held = {id(p) for o in group.optimizers for g in o.param_groups for p in g["params"]}
     if all(id(p) in held for u in group.units for p in u.params() if p.grad is not None):
         return False

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import clipmath, identity, records
+from . import clipmath, identity, records, shards
 from .plan import Action, Unscale
 
 if TYPE_CHECKING:
@@ -70,6 +70,13 @@ def trusted(rt: ClipRuntime) -> bool:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return False
     return rt.scaler is not None or not _called_from_grad_scaler()
+
+
+def fused_kernel(opt) -> bool:
+    """``opt.step`` divides the gradients by ``opt.grad_scale`` in its kernel and writes them
+    back: torch's optimizers with ``fused=True`` (GradScaler reads the same flag)."""
+    return (getattr(opt, "_step_supports_amp_scaling", False) and type(opt).__module__.startswith("torch.optim")
+            and all(g.get("fused") for g in opt.param_groups))
 
 
 def covered(rt: ClipRuntime, params: list) -> bool:
@@ -187,13 +194,22 @@ def clip_group(rt: ClipRuntime, step: OpenStep, opt) -> None:
     skip = _unscale(rt, step, opt, params)
     mon = rt.monitor(step.group)
     grads = [p.grad for p in params]
-    if is_dtensor(grads[0]):
-        _clip_dtensors(rt, params, mon)
+    local = shards.placements_of(grads) if is_dtensor(grads[0]) else None
+    dims = shards.reduce_dims(local[1]) if local is not None else None
+    if is_dtensor(grads[0]) and dims is None:
+        _clip_dtensors(rt, params, mon)  # torch's own DTensor path (see shards)
     elif cfg.computes_norm:
-        parts = group_norms(rt, params, step.plan.use_backward)
-        total = total_of(parts, grads, cfg.norm_type)
-        if mon.per_param:
-            mon.record_param_norms(parts, [weakref.ref(p) for p in params])
+        if dims is not None:  # DTensors: the local shards, one all-reduce
+            total = shards.total_norm(grads, cfg.norm_type, local[0], dims)
+            if mon.per_param:
+                mon.record_param_norms(_dtensor_norms(grads, cfg.norm_type), [weakref.ref(p) for p in params])
+            grads = shards.local_grads(grads)
+            rt.stats["norm_local_shards"] += 1
+        else:
+            parts = group_norms(rt, params, step.plan.use_backward)
+            total = total_of(parts, grads, cfg.norm_type)
+            if mon.per_param:
+                mon.record_param_norms(parts, [weakref.ref(p) for p in params])
         if cfg.error_if_nonfinite and not bool(torch.isfinite(total)):
             rt.total_norm = total
             raise RuntimeError(
@@ -205,16 +221,54 @@ def clip_group(rt: ClipRuntime, step: OpenStep, opt) -> None:
         if mon.agc is not None:
             clipmath.agc_(params, mon.agc.clipping, mon.agc.eps)
         elif cfg.max_norm is not None:
-            clipmath.scale_(grads, clipmath.coefficient(total, _eager_max_norm(cfg, thr)))
+            coef = clipmath.coefficient(total, _eager_max_norm(cfg, thr))
+            if step.plan.fold and not skip:
+                fold(rt, step, opt, coef)
+            else:
+                clipmath.scale_(grads, coef)
         rt.finish(total, thr, mon)
     if cfg.clip_value is not None:
-        clipmath.clamp_values_(grads, cfg.clip_value)
+        clipmath.clamp_values_([p.grad for p in params], cfg.clip_value)
     if skip:
         rt.count_skipped(torch.ones((), device=grads[0].device))
         step.skipped = True
         _hide(step, params)
     step.clipped = True
     rt.consume_runs({id(p) for p in params})
+
+
+_ABSENT = object()
+
+
+def fold(rt: ClipRuntime, step: OpenStep, opt, coef: torch.Tensor) -> None:
+    """The clip coefficient into a fused optimizer's kernel: torch's fused Adam, AdamW, SGD and
+    Adagrad divide every gradient by ``opt.grad_scale`` (GradScaler's protocol) and write the
+    quotient back to ``.grad``, so ``grad / (1 / coef)`` costs no pass of its own. Not eager's
+    bits: a division by the rounded reciprocal against eager's multiplication (within an ulp or
+    so of each gradient; the tests compare at assert_close's float32 tolerance). A scale that is
+    already there (GradScaler's, a user's) is multiplied, as GradScaler does. ``unfold`` puts
+    back what was there after the step."""
+    before = opt.__dict__.get("grad_scale", _ABSENT)
+    inv = coef.to(torch.float32).reciprocal()
+    opt.grad_scale = inv if before is _ABSENT or before is None else before * inv
+    step.grad_scale_before = before
+    rt.stats["scale_folded"] += 1
+
+
+def unfold(step: OpenStep, opt) -> None:
+    before, step.grad_scale_before = step.grad_scale_before, None
+    if before is None:
+        return
+    if before is _ABSENT:
+        opt.__dict__.pop("grad_scale", None)
+    else:
+        opt.grad_scale = before
+
+
+def _dtensor_norms(grads: list, norm_type: float) -> torch.Tensor:
+    """Each DTensor gradient's own norm, replicated (a monitor's per-parameter norms)."""
+    norms = [torch.linalg.vector_norm(g, norm_type, dtype=torch.float32) for g in grads]
+    return torch.stack([n.full_tensor() if is_dtensor(n) else n for n in norms])
 
 
 def _eager_max_norm(cfg, thr: torch.Tensor):
@@ -264,9 +318,7 @@ def _clip_dtensors(rt: ClipRuntime, params: list, mon) -> None:
         return
     grads = [p.grad for p in params]
     if mon.per_param:  # before the clip scales them
-        norms = [torch.linalg.vector_norm(g, cfg.norm_type, dtype=torch.float32) for g in grads]
-        mon.record_param_norms(torch.stack([n.full_tensor() if is_dtensor(n) else n for n in norms]),
-                               [weakref.ref(p) for p in params])
+        mon.record_param_norms(_dtensor_norms(grads, cfg.norm_type), [weakref.ref(p) for p in params])
     total = torch.nn.utils.get_total_norm(grads, cfg.norm_type, cfg.error_if_nonfinite, None)
     total = total.full_tensor() if is_dtensor(total) else total
     thr = threshold_for(rt, total, mon)

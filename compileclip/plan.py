@@ -19,7 +19,8 @@ Actions:
   same group and are unchanged since (the second of two optimizers of one model).
 - ``EAGER``: clip the group now, before the optimizer runs: the norm from the backward graphs
   where their records prove it is the norm of the final ``.grad``, computed here for the rest;
-  one ``_foreach_mul_`` per device and dtype.
+  one ``_foreach_mul_`` per device and dtype, or (``fold``) none: a fused optimizer's kernel
+  divides by the reciprocal of the coefficient, handed to it as ``opt.grad_scale``.
 - ``IN_GRAPH``: the step graph this clip compiled clips its optimizer's gradients inside the
   update loop; the group's norm is handed to it when it cannot compute it alone (other
   optimizers' gradients, or the backward's norms), and the group's other gradients are scaled
@@ -83,6 +84,8 @@ class StepFacts:
     grad_scale_set: bool = False  # GradScaler.step set opt.grad_scale (a fused optimizer)
     skip_nonfinite: bool = False
     error_if_nonfinite: bool = False
+    fused_kernel: bool = False  # the step unscales by opt.grad_scale in its kernel (fused=True)
+    scale_only: bool = True  # the clip is a scale by the norm's coefficient (no AGC, no clip_value)
     optimizer: str = "the optimizer"  # for messages
     scope: str = ""  # the modules of the group, for messages
 
@@ -94,6 +97,7 @@ class StepPlan:
     hand_norm: bool = False  # IN_GRAPH: compute the group's norm now and hand it to the graph
     unscale: Unscale = Unscale.NONE
     sync_skip: bool = False  # EAGER: read the norm on the host to skip a nonfinite step
+    fold: bool = False  # EAGER: the coefficient goes to the fused kernel (opt.grad_scale), no scale pass
     error: str | None = None
 
 
@@ -143,5 +147,9 @@ def plan_step(f: StepFacts) -> StepPlan:
             # the group spans several optimizers: its norm is taken here and handed in, the
             # other optimizers' gradients are scaled here
             return StepPlan(Action.IN_GRAPH, use_backward=use_backward, hand_norm=True)
+    # a fused kernel divides by opt.grad_scale: the coefficient costs no pass of its own where
+    # the step's optimizer alone consumes the group's gradients (a later step of the group
+    # would find them unclipped until the kernel ran) and nothing follows the scale
+    fold = f.fuse and f.fused_kernel and f.group_is_step and f.scale_only and f.computes_norm and not f.dtensor
     return StepPlan(Action.EAGER, use_backward=use_backward, unscale=unscale,
-                    sync_skip=f.skip_nonfinite or unscale is Unscale.SCALER)
+                    sync_skip=f.skip_nonfinite or unscale is Unscale.SCALER, fold=fold)

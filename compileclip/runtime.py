@@ -46,6 +46,7 @@ class OpenStep:
     hidden: list = dataclasses.field(default_factory=list)  # (param, grad) of a skipped step
     scaler_state: dict | None = None  # a GradScaler state this step unscaled: STEPPED after it
     skipped: torch.Tensor | bool = False
+    grad_scale_before: object = None  # a folded clip: the optimizer's grad_scale before it
 
 
 @dataclasses.dataclass
@@ -219,6 +220,8 @@ class ClipRuntime:
             backward_covers_step=compiled_frame and opt in self.graph_ready and eager.covered(self, params),
             scaler_stage=stage, grad_scale_set=getattr(opt, "grad_scale", None) is not None,
             skip_nonfinite=cfg.skip_nonfinite, error_if_nonfinite=cfg.error_if_nonfinite,
+            fused_kernel=eager.fused_kernel(opt),
+            scale_only=cfg.max_norm is not None and cfg.clip_value is None and self.monitor(group).agc is None,
             optimizer=type(opt).__name__,
             scope=self.scope.describe(group.units) if clipped is Clipped.MIXED else "",  # for its message
         )
@@ -247,6 +250,7 @@ class ClipRuntime:
         step, self.open = self.open, None
         if step is None:
             return
+        eager.unfold(step, opt)
         for p, g in step.hidden:
             p.grad = g
         if step.scaler_state is not None:
@@ -268,6 +272,8 @@ class ClipRuntime:
         """The compiled step raised before its body ran (Dynamo's recompile limit) and will run
         again eagerly: a clip already applied is marked, so that the rerun does not clip twice."""
         step, self.open, self.nested = self.open, None, 0
+        if step is not None:
+            eager.unfold(step, opt)
         if step is not None and step.clipped:
             self.mark_clipped(step, opt)
             self.marks[id(step.group.key)].consumers.discard(id(opt))

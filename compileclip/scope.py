@@ -145,7 +145,8 @@ class Scope:
         if cached is not None and cached[0] == self.version and cached[1]() is opt:
             params = tuple(r() for r in cached[2])
             opts = tuple(r() for r in cached[3])
-            if None not in params and None not in opts:
+            # `is`, not `in`: `None in params` calls Tensor.__eq__ (a DTensor dispatch each)
+            if not any(x is None for x in params) and not any(o is None for o in opts):
                 return Group(params, opts, opts[0], id(opt) in self.explicit, cached[4])
         g = self._decide(opt)
         self._groups[id(opt)] = (self.version, weakref.ref(opt), tuple(map(weakref.ref, g.params)),

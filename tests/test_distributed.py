@@ -23,6 +23,7 @@ if not dist.is_available() or not dist.is_gloo_available():
 
 import torch.multiprocessing as mp  # noqa: E402
 
+import dist_shards  # noqa: E402
 import dist_worker  # noqa: E402
 
 TIMEOUT_S = 300
@@ -43,8 +44,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(name: str) -> None:
-    ctx = mp.spawn(dist_worker.main, args=(_free_port(), name), nprocs=dist_worker.WORLD, join=False)
+def _spawn(name: str, main=dist_worker.main) -> None:
+    ctx = mp.spawn(main, args=(_free_port(), name), nprocs=dist_worker.WORLD, join=False)
     deadline = time.monotonic() + TIMEOUT_S
     # join() raises ProcessRaisedException (with the rank's traceback) or
     # ProcessExitedException as soon as one rank fails, and terminates the other rank
@@ -87,3 +88,11 @@ def test_ddp(name):
 @pytest.mark.parametrize("name", FSDP_CASES)
 def test_fsdp2(name):
     _spawn(name)
+
+
+@pytest.mark.skipif(not _have_fsdp2(), reason="FSDP2 (fully_shard, init_device_mesh) not available")
+@pytest.mark.parametrize("name", list(dist_shards.CASES))
+def test_dtensor_bitwise(name):
+    """FSDP2, HSDP, mixed precision, tensor parallel: the clip against eager clip_grad_norm_ on
+    the same DTensors, bit for bit (``dist_shards.py``)."""
+    _spawn(name, dist_shards.main)

@@ -35,6 +35,7 @@ MODES = ["backward", "step", "both"]
 OPTIMIZERS = {
     "sgd": lambda params, foreach: torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=foreach),
     "adam": lambda params, foreach: torch.optim.Adam(params, lr=1e-2, foreach=foreach),
+    "adam_fused": lambda params, foreach: torch.optim.Adam(params, lr=1e-2, fused=True),
 }
 
 

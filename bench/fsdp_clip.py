@@ -1,0 +1,180 @@
+"""FSDP2 on 2 gloo ranks: what the clip at the optimizer step costs, against eager
+``clip_grad_norm_`` on the same DTensor gradients.
+
+A model of ``--layers`` residual ``Linear(w, w)`` blocks (2 sharded gradients each), each block
+and the root ``fully_shard``-ed over a 1-D CPU mesh; ``SGD(lr=0)``. Three copies of the step,
+interleaved in random order (the same on both ranks), ``--reps`` repetitions of ``--steps``
+steps after one backward (each step re-clips the same gradients: the work does not depend on
+their values):
+
+- ``noclip``: ``opt.step()`` of a plain ``torch.compile``-d copy;
+- ``eager``: ``clip_grad_norm_(model.parameters(), max_norm)`` + ``opt.step()`` on that copy;
+- ``clip``: ``opt.step()`` of a copy compiled with ``clip_backend`` (the clip runs in the
+  step's pre-hook: the local shards' norm, one all-reduce, the scale of the local shards).
+
+Printed (rank 0): per-step medians, the clip's overhead over ``noclip`` as a multiple of eager's
+overhead with a 95% paired-bootstrap CI (``timing.ratio_ci``); the aten ops each clip runs
+(profiler) and the bytes it allocates (the profiler's CPU memory events: no full or replicated
+copy of a gradient would show as the gradients' size).
+
+    .venv/bin/python bench/fsdp_clip.py [--layers 64,128] [--width 64] [--reps 15] [--steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import timing  # noqa: E402
+
+WORLD = 2
+MAX_NORM = 1e-2
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + torch.tanh(self.lin(x))
+
+
+class Net(nn.Module):
+    def __init__(self, layers: int, width: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width) for _ in range(layers))
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = blk(x)
+        return x.pow(2).mean()
+
+
+def build(layers: int, width: int, mesh, backend):
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = Net(layers, width)
+    for blk in model.blocks:
+        fully_shard(blk, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    run = torch.compile(model, backend=backend)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.randn(16, width, generator=torch.Generator().manual_seed(dist.get_rank()))
+    run(x).backward()
+    return run, opt  # the clip holds what it compiled weakly: the caller keeps the model
+
+
+def ops_and_bytes(fn) -> tuple[int, int]:
+    """aten ops run by ``fn`` and the bytes they allocated (profiler, CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    top = [e for e in events if not any(p.name.startswith("aten::") for p in _parents(e))]
+    allocated = sum(max(e.cpu_memory_usage, 0) for e in events if e.cpu_memory_usage > 0)
+    return len(top), int(allocated)
+
+
+def _parents(e):
+    p = e.cpu_parent
+    while p is not None:
+        yield p
+        p = p.cpu_parent
+
+
+def run_rank(rank: int, port: int, args, out: str) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=600))
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from compileclip import clip_backend
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    results = []
+    for layers in args.layers:
+        torch._dynamo.reset()
+        plain, plain_opt = build(layers, args.width, mesh, "aot_eager")
+        torch._dynamo.reset()  # the plain copy is not called again
+        clip = clip_backend(max_norm=MAX_NORM, inner="aot_eager")
+        clipped, clip_opt = build(layers, args.width, mesh, clip)
+        params = list(plain._orig_mod.parameters())
+
+        def eager():
+            torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
+            plain_opt.step()
+
+        steps = {"noclip": plain_opt.step, "eager": eager, "clip": clip_opt.step}
+        for fn in steps.values():
+            fn()
+        times = timing.interleaved(steps, args.reps, args.steps, torch.device("cpu"), seed=0)
+        ratio = timing.ratio_ci(times["clip"], times["noclip"], times["eager"], times["noclip"], target=0.3)
+        eager_ops = ops_and_bytes(lambda: torch.nn.utils.clip_grad_norm_(params, MAX_NORM))
+        clip_ops = ops_and_bytes(clip_opt.step)
+        step_ops = ops_and_bytes(plain_opt.step)
+        grad_bytes = sum(p.grad._local_tensor.numel() * p.grad.element_size() for p in params)
+        assert clip.stats.get("norm_local_shards"), dict(clip.stats)  # the clip ran, on the local shards
+        results.append(dict(
+            layers=layers, gradients=len(params), local_grad_bytes=grad_bytes,
+            median_ms={k: 1e3 * float(timing.np.median(v)) for k, v in times.items()},
+            ratio=ratio, stats=dict(clip.stats),
+            eager_clip_ops=eager_ops[0], eager_clip_alloc_bytes=eager_ops[1],
+            clip_step_ops_minus_step=clip_ops[0] - step_ops[0], clip_step_alloc_minus_step=clip_ops[1] - step_ops[1]))
+        clip.remove()
+        dist.barrier()
+    if rank == 0:
+        Path(out).write_text(json.dumps(results, indent=1))
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=[64, 128])
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--out", default=None, help="also write the table and JSON here")
+    args = p.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = "/tmp/fsdp_clip.json"
+    mp.spawn(run_rank, args=(port, args, out), nprocs=WORLD)
+    results = json.loads(Path(out).read_text())
+    lines = [f"FSDP2, {WORLD} gloo ranks, 1 thread each; torch {torch.__version__}, {platform.processor() or platform.machine()}; "
+             f"Linear({args.width},{args.width}) blocks, SGD(lr=0); {args.reps} reps x {args.steps} steps, medians",
+             "", "| gradients | step, no clip | eager clip + step | clip at the step | clip / eager overhead [95% CI] | "
+             "aten ops: eager clip / clip | bytes allocated: eager clip / clip | local gradients |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        m, q = r["median_ms"], r["ratio"]
+        lines.append(f"| {r['gradients']} | {m['noclip']:.2f} ms | {m['eager']:.2f} ms | {m['clip']:.2f} ms | "
+                     f"{q['ratio']:.2f}x [{q['ci'][0]:.2f}, {q['ci'][1]:.2f}] | {r['eager_clip_ops']} / "
+                     f"{r['clip_step_ops_minus_step']} | {r['eager_clip_alloc_bytes']} / {r['clip_step_alloc_minus_step']} | "
+                     f"{r['local_grad_bytes']} B |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "fsdp_clip.md").write_text(text + "\n")
+        (Path(args.out) / "fsdp_clip.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

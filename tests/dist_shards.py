@@ -1,0 +1,122 @@
+"""One rank of the DTensor bitwise runs of ``test_distributed.py``: the clip over FSDP2, HSDP and
+tensor-parallel gradients against eager ``clip_grad_norm_`` on the same DTensors, bit for bit.
+
+The control is plain ``torch.compile(model, backend="aot_eager")`` + eager
+``clip_grad_norm_(model.parameters())`` + ``opt.step()``; the clip's copy is the same model
+compiled with ``clip_backend(inner="aot_eager")`` and an eager ``opt.step()``. Their forward
+and backward are the same aten ops, so every difference would be the clip's: ``.grad`` after
+the step (the local shard), the parameters and ``clip.total_norm`` are compared with
+``torch.equal``, for 3 steps, clip active and inactive. The run also says which path the clip
+took: the local shards (``stats["norm_local_shards"]``) or torch's DTensor one.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import math
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from dist_worker import ACTIVE, INACTIVE, STEPS, WORLD, Net, batch, full, local, loss_fn
+
+# name: mesh shape, wrapper ("fsdp" per block and whole, "tp" Megatron MLP pairs), settings;
+# local: whether the clip takes the local-shard path (else torch's DTensor path)
+CASES = {
+    "shards_fsdp_l2": dict(mesh=(WORLD,), wrapper="fsdp", local=True),
+    "shards_fsdp_linf": dict(mesh=(WORLD,), wrapper="fsdp", norm_type=math.inf, local=True),
+    "shards_fsdp_l3": dict(mesh=(WORLD,), wrapper="fsdp", norm_type=3.0, local=True),
+    "shards_fsdp_mixed_precision": dict(mesh=(WORLD,), wrapper="fsdp", mp=True, local=True),
+    "shards_hsdp": dict(mesh=(1, WORLD), wrapper="fsdp", local=True),
+    "shards_tp": dict(mesh=(WORLD,), wrapper="tp", local=False),  # replicated biases: torch's path
+    "shards_tp_colwise": dict(mesh=(WORLD,), wrapper="tp_colwise", local=True),
+}
+
+
+def wrap(model: nn.Module, case: dict, mesh) -> nn.Module:
+    if case["wrapper"] == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        kw = {}
+        if case.get("mp"):
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for blk in model.blocks:
+            fully_shard(blk, mesh=mesh, **kw)
+        fully_shard(model, mesh=mesh, **kw)
+        return model
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    if case["wrapper"] == "tp_colwise":  # every linear sharded on its output: all Shard(0)
+        plan = {f"blocks.{i}.lin": ColwiseParallel(use_local_output=False) for i in range(len(model.blocks))}
+    else:  # pairs: colwise (Shard(0)), rowwise (weight Shard(1), bias Replicate)
+        plan = {f"blocks.{i}.lin": ColwiseParallel() if i % 2 == 0 else RowwiseParallel() for i in range(len(model.blocks))}
+    plan["head"] = ColwiseParallel(output_layouts=Replicate())
+    return parallelize_module(model, mesh, plan)
+
+
+def train(model: nn.Module, run, case: dict, rank: int, max_norm: float, clip) -> list[dict]:
+    norm_type = case.get("norm_type", 2.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    snaps = []
+    for i in range(STEPS):
+        opt.zero_grad(set_to_none=True)
+        x = batch(0 if case["wrapper"].startswith("tp") else rank, i, 16)  # TP: the same batch on each rank
+        out = run(x)
+        loss_fn(full(out) if hasattr(out, "placements") else out).backward()
+        if clip is None:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, norm_type)
+        opt.step()
+        if clip is not None:
+            norm = clip.total_norm
+        snaps.append(dict(norm=full(norm).detach().clone(),
+                          params={n: local(p).detach().clone() for n, p in model.named_parameters()},
+                          grads={n: local(p.grad).clone() for n, p in model.named_parameters()}))
+    return snaps
+
+
+def compare(ours: list[dict], ref: list[dict], where: str, max_norm: float) -> None:
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        assert (float(b["norm"]) > max_norm) == (max_norm == ACTIVE), (float(b["norm"]), max_norm)
+        assert torch.equal(a["norm"], b["norm"]), f"{where} step {i}: total_norm {a['norm']} != eager {b['norm']}"
+        for kind in ("grads", "params"):
+            for n, t in b[kind].items():
+                assert torch.equal(a[kind][n], t), (
+                    f"{where} step {i}: {kind} {n}: max diff {(a[kind][n].float() - t.float()).abs().max()}")
+
+
+def main(rank: int, port: int, name: str) -> None:
+    """Entry point for torch.multiprocessing.spawn."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=300))
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from compileclip import clip_backend
+
+        case = CASES[name]
+        names = ("replicate", "shard") if len(case["mesh"]) == 2 else None  # HSDP wants them named
+        mesh = init_device_mesh("cpu", case["mesh"], mesh_dim_names=names)
+        torch.manual_seed(0)
+        base = Net(16)
+        for max_norm in (ACTIVE, INACTIVE):
+            torch._dynamo.reset()
+            model = wrap(copy.deepcopy(base), case, mesh)
+            ref = train(model, torch.compile(model, backend="aot_eager"), case, rank, max_norm, None)
+            torch._dynamo.reset()
+            clip = clip_backend(max_norm=max_norm, norm_type=case.get("norm_type", 2.0), inner="aot_eager")
+            model = wrap(copy.deepcopy(base), case, mesh)
+            ours = train(model, torch.compile(model, backend=clip), case, rank, max_norm, clip)
+            where = f"[{name} rank {rank} max_norm={max_norm}]"
+            compare(ours, ref, where, max_norm)
+            used = clip.stats.get("norm_local_shards", 0)
+            assert (used == STEPS) if case["local"] else used == 0, f"{where} stats {dict(clip.stats)}"
+            del clip
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
