@@ -3,6 +3,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # the CPU build of torch (an unpinned torch pulls a multi-GB CUDA build)
 TORCH := torch==2.13.0
+# the distributed part of make bench (bench/fsdp_clip.py)
+FSDP_ARGS ?= --out bench/results
 
 .PHONY: test bench clean
 
@@ -18,6 +20,7 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/bench.py $(ARGS)
+	$(PY) bench/fsdp_clip.py $(FSDP_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -37,6 +37,7 @@ class Spec:
     default: bool         # in the default set
     doc: str
     checks_grad: bool = True  # the .grad after the step must equal eager's clipped .grad
+    optim: str = "adam"  # adam: Adam(foreach=True); adam_fused: Adam(fused=True)
 
 
 SPECS = [
@@ -72,6 +73,14 @@ SPECS = [
          "(the .grad check is skipped; parameters and norm are checked)", checks_grad=False),
     Spec("both", "clip", "clip", "backend", "cstep_noclip", "cstep_eagerclip", 0.3, None, True,
          "model and step compiled with one clip object: norm in the backward, scale in the step"),
+    Spec("fused_noclip", "inductor", "eager", "none", None, None, None, None, True,
+         "torch.compile(model), eager Adam(fused=True) step, no clipping", optim="adam_fused"),
+    Spec("fused_eagerclip", "inductor", "eager", "eager", "fused_noclip", None, None, "fused_noclip", True,
+         "torch.compile(model) + eager clip_grad_norm_ + Adam(fused=True): the reference of `fold`",
+         optim="adam_fused"),
+    Spec("fold", "clip", "eager", "backend", "fused_noclip", "fused_eagerclip", 0.6, None, True,
+         "torch.compile(model, backend=clip), eager Adam(fused=True) step: norm in the backward, "
+         "the coefficient in the fused kernel (opt.grad_scale), no scale pass", optim="adam_fused"),
 ]
 BY_NAME = {s.name: s for s in SPECS}
 REFERENCE = "eager_clip"  # what every clipping variant must match numerically
@@ -156,7 +165,8 @@ def build(specs: list[Spec], base: nn.Module, max_norm: float) -> dict[str, Vari
 
 def _own(s: Spec, base: nn.Module, max_norm: float) -> Variant:
     module = copy.deepcopy(base)
-    opt = torch.optim.Adam(module.parameters(), lr=1e-3, foreach=True)
+    kind = {"adam": dict(foreach=True), "adam_fused": dict(fused=True)}[s.optim]
+    opt = torch.optim.Adam(module.parameters(), lr=1e-3, **kind)
     backend = None
     if s.model in ("clip", "clip_nofuse"):
         backend = clip_backend(max_norm, fuse=(s.model == "clip"))

@@ -177,6 +177,7 @@ class _Variants:
         by_grad = {id(p.grad): p for o in optimizers for g in o.param_groups for p in g["params"] if p.grad is not None}
         self.grad_params = tuple(weakref.ref(by_grad[id(t)]) for t in grad_inputs) if mon.per_param else ()
         self.compiled: dict[bool, tuple] = {}
+        self._names: dict[bool, tuple[str, ...]] = {}
 
     def inputs(self, given: bool) -> dict:
         """The runtime inputs' example values, in the graph's order (their names are the
@@ -192,6 +193,13 @@ class _Variants:
         if self.policy is not None:
             ex["state"] = list(self.state)
         return ex
+
+    def input_names(self, given: bool) -> tuple[str, ...]:
+        """The runtime inputs' names, in the graph's order (made once: ``inputs`` makes tensors)."""
+        names = self._names.get(given)
+        if names is None:
+            names = self._names[given] = tuple(self.inputs(given))
+        return names
 
     def get(self, given: bool, call_inputs: list | None = None):
         if given not in self.compiled:

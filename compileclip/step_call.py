@@ -40,7 +40,7 @@ class ClippedStep:
                   "scale": scale, "total_norm": handed}
         if self.variants.policy is not None:  # read only by the graph: updated after it, by ``finish``
             values["state"] = self._monitor(opt).policy_state(dev)
-        full = GraphSignature(tuple(self.variants.inputs(given))).bind(args, values)
+        full = GraphSignature(self.variants.input_names(given)).bind(args, values)
         compiled, sig = self.variants.get(given, full)
         state_before = {p: set(st) for p, st in opt.state.items()} if self.initializing else None
         # Dynamo calls what a backend returns with *args, whatever ``_boxed_call`` says
@@ -122,6 +122,9 @@ class CompiledStep:
         self.optimizer = optimizer
         self.compiled = compiled  # None: stepped eagerly (a fused optimizer, a wrapper)
         self.runtime = runtime
+        # made once: a config patch is a new class and context variable per torch's patch() call
+        # (~15 us a step); entered and exited each call, never nested
+        self._fail_on_limit = torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
 
     def __call__(self, *args, **kwargs):
         if self.compiled is None:
@@ -129,7 +132,7 @@ class CompiledStep:
         from torch._dynamo.exc import FailOnRecompileLimitHit
 
         try:
-            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            with self._fail_on_limit:
                 return self.compiled(*args, **kwargs)
         except FailOnRecompileLimitHit:
             self.runtime.abort_step(self.optimizer)

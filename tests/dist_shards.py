@@ -120,3 +120,63 @@ def main(rank: int, port: int, name: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def main_ops(rank: int, port: int, name: str) -> None:
+    """What the clip adds to an FSDP2 step is a constant number of ops on plain tensors (the
+    local shards), none on DTensors: ``opt.step()`` (SGD, foreach) of a model compiled with the
+    clip against the same step of a model compiled without it, 4, 32 and 128 blocks (8 to 256
+    sharded gradients), counted by a dispatch mode (the ops called at the top level, by name
+    and by whether a DTensor is among their arguments)."""
+    from torch.distributed.tensor import DTensor
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(("DTensor " if DTensor in types else "") + func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=300))
+    try:
+        from collections import Counter
+
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from compileclip import clip_backend
+
+        mesh = init_device_mesh("cpu", (WORLD,))
+        added = {}
+        for depth in (4, 32, 128):
+            counts = []
+            for backend in ("aot_eager", clip_backend(max_norm=ACTIVE, inner="aot_eager")):
+                torch._dynamo.reset()
+                torch.manual_seed(0)
+                model = Net(16, depth)
+                fully_shard(model, mesh=mesh)
+                run = torch.compile(model, backend=backend)
+                opt = torch.optim.SGD(model.parameters(), lr=0.1, foreach=True)
+                for i in range(2):
+                    opt.zero_grad(set_to_none=True)
+                    loss_fn(run(batch(rank, i, 16))).backward()
+                    with Count() as c:
+                        opt.step()
+                counts.append(Counter(c.names))
+            clip = backend
+            assert clip.stats["norm_local_shards"] == 2, dict(clip.stats)
+            clip.remove()
+            added[2 * depth + 2] = counts[1] - counts[0]
+            assert not counts[0] - counts[1], counts  # nothing the plain step does is missing
+        first = next(iter(added.values()))
+        assert all(v == first for v in added.values()), added
+        assert not [n for n in first if n.startswith("DTensor")], first
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

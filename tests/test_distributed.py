@@ -96,3 +96,9 @@ def test_dtensor_bitwise(name):
     """FSDP2, HSDP, mixed precision, tensor parallel: the clip against eager clip_grad_norm_ on
     the same DTensors, bit for bit (``dist_shards.py``)."""
     _spawn(name, dist_shards.main)
+
+
+@pytest.mark.skipif(not _have_fsdp2(), reason="FSDP2 (fully_shard, init_device_mesh) not available")
+def test_fsdp2_step_ops_constant():
+    """The clip at an FSDP2 step dispatches the same ops for 8, 64 and 256 gradients."""
+    _spawn("ops", dist_shards.main_ops)
