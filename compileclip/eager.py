@@ -216,7 +216,10 @@ def clip_group(rt: ClipRuntime, step: OpenStep, opt) -> None:
                 f"The total norm of order {cfg.norm_type} for gradients from `parameters` is "
                 "non-finite, so it cannot be clipped. To disable this error and scale the "
                 "gradients by the non-finite norm anyway, set `error_if_nonfinite=False`")
-        skip = skip or (cfg.skip_nonfinite and not bool(torch.isfinite(total)))
+        if step.plan.kernel_skip:
+            kernel_skip(rt, step, opt, total, params)
+        else:
+            skip = skip or (cfg.skip_nonfinite and not bool(torch.isfinite(total)))
         thr = threshold_for(rt, total, mon)
         if mon.agc is not None:
             clipmath.agc_(params, mon.agc.clipping, mon.agc.eps)
@@ -248,21 +251,46 @@ def fold(rt: ClipRuntime, step: OpenStep, opt, coef: torch.Tensor) -> None:
     so of each gradient; the tests compare at assert_close's float32 tolerance). A scale that is
     already there (GradScaler's, a user's) is multiplied, as GradScaler does. ``unfold`` puts
     back what was there after the step."""
-    before = opt.__dict__.get("grad_scale", _ABSENT)
     inv = coef.to(torch.float32).reciprocal()
+    before = _set(step, opt, "grad_scale")
     opt.grad_scale = inv if before is _ABSENT or before is None else before * inv
-    step.grad_scale_before = before
     rt.stats["scale_folded"] += 1
 
 
-def unfold(step: OpenStep, opt) -> None:
-    before, step.grad_scale_before = step.grad_scale_before, None
-    if before is None:
-        return
-    if before is _ABSENT:
-        opt.__dict__.pop("grad_scale", None)
-    else:
-        opt.grad_scale = before
+def kernel_skip(rt: ClipRuntime, step: OpenStep, opt, total: torch.Tensor, params: list) -> None:
+    """``skip_nonfinite`` for a folded step: the nonfinite flag as ``opt.found_inf`` (added to
+    GradScaler's), on which the fused kernel leaves parameters, state and ``.grad`` as they were
+    (the step count too); no host read. On an optimizer's first step torch creates its state
+    before the kernel skips: ``unfold`` drops it again (one host read, that step only), as eager,
+    which never stepped, has none. ``.grad`` of a skipped step keeps the unclipped gradients
+    (nothing consumed them)."""
+    flag = clipmath.nonfinite(total)
+    before = _set(step, opt, "found_inf")
+    opt.found_inf = flag if before is _ABSENT or before is None else before + flag.to(before.device)
+    rt.count_skipped(flag)
+    step.skipped = flag
+    if any(p not in opt.state for p in params):
+        step.state_before = {p: set(st) for p, st in opt.state.items()}
+
+
+def _set(step: OpenStep, opt, name: str):
+    before = opt.__dict__.get(name, _ABSENT)
+    step.attrs_before.setdefault(name, before)
+    return before
+
+
+def unfold(rt: ClipRuntime, step: OpenStep, opt) -> None:
+    """After a folded step: the optimizer's ``grad_scale``/``found_inf`` as they were; the
+    state a skipped first step created, dropped at the next step."""
+    attrs, step.attrs_before = step.attrs_before, {}
+    for name, before in attrs.items():
+        if before is _ABSENT:
+            opt.__dict__.pop(name, None)
+        else:
+            setattr(opt, name, before)
+    state, step.state_before = step.state_before, None
+    if state is not None and bool(step.skipped):
+        rt.state_drops.append((weakref.ref(opt), state))
 
 
 def _dtensor_norms(grads: list, norm_type: float) -> torch.Tensor:

@@ -20,7 +20,9 @@ Actions:
 - ``EAGER``: clip the group now, before the optimizer runs: the norm from the backward graphs
   where their records prove it is the norm of the final ``.grad``, computed here for the rest;
   one ``_foreach_mul_`` per device and dtype, or (``fold``) none: a fused optimizer's kernel
-  divides by the reciprocal of the coefficient, handed to it as ``opt.grad_scale``.
+  divides by the reciprocal of the coefficient, handed to it as ``opt.grad_scale``; with
+  ``skip_nonfinite`` (``kernel_skip``) the nonfinite flag goes in as ``opt.found_inf``, on
+  which the kernel skips the update: no host read.
 - ``IN_GRAPH``: the step graph this clip compiled clips its optimizer's gradients inside the
   update loop; the group's norm is handed to it when it cannot compute it alone (other
   optimizers' gradients, or the backward's norms), and the group's other gradients are scaled
@@ -98,6 +100,7 @@ class StepPlan:
     unscale: Unscale = Unscale.NONE
     sync_skip: bool = False  # EAGER: read the norm on the host to skip a nonfinite step
     fold: bool = False  # EAGER: the coefficient goes to the fused kernel (opt.grad_scale), no scale pass
+    kernel_skip: bool = False  # fold: a nonfinite norm skips the step through opt.found_inf (no sync)
     error: str | None = None
 
 
@@ -151,5 +154,8 @@ def plan_step(f: StepFacts) -> StepPlan:
     # the step's optimizer alone consumes the group's gradients (a later step of the group
     # would find them unclipped until the kernel ran) and nothing follows the scale
     fold = f.fuse and f.fused_kernel and f.group_is_step and f.scale_only and f.computes_norm and not f.dtensor
+    # ... and skips the update where found_inf is set, so skip_nonfinite needs no host read
+    kernel_skip = fold and f.skip_nonfinite and unscale is not Unscale.SCALER
     return StepPlan(Action.EAGER, use_backward=use_backward, unscale=unscale,
-                    sync_skip=f.skip_nonfinite or unscale is Unscale.SCALER, fold=fold)
+                    sync_skip=(f.skip_nonfinite and not kernel_skip) or unscale is Unscale.SCALER, fold=fold,
+                    kernel_skip=kernel_skip)

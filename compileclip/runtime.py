@@ -46,7 +46,8 @@ class OpenStep:
     hidden: list = dataclasses.field(default_factory=list)  # (param, grad) of a skipped step
     scaler_state: dict | None = None  # a GradScaler state this step unscaled: STEPPED after it
     skipped: torch.Tensor | bool = False
-    grad_scale_before: object = None  # a folded clip: the optimizer's grad_scale before it
+    attrs_before: dict = dataclasses.field(default_factory=dict)  # fold: grad_scale/found_inf before it
+    state_before: dict | None = None  # kernel_skip on a first step: the state before it (to drop it)
 
 
 @dataclasses.dataclass
@@ -250,7 +251,7 @@ class ClipRuntime:
         step, self.open = self.open, None
         if step is None:
             return
-        eager.unfold(step, opt)
+        eager.unfold(self, step, opt)
         for p, g in step.hidden:
             p.grad = g
         if step.scaler_state is not None:
@@ -273,7 +274,7 @@ class ClipRuntime:
         again eagerly: a clip already applied is marked, so that the rerun does not clip twice."""
         step, self.open, self.nested = self.open, None, 0
         if step is not None:
-            eager.unfold(step, opt)
+            eager.unfold(self, step, opt)
         if step is not None and step.clipped:
             self.mark_clipped(step, opt)
             self.marks[id(step.group.key)].consumers.discard(id(opt))

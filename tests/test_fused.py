@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import models
-from harness import ACTIVE, INACTIVE, compare_with_eager, isolated, stats  # noqa: F401
+from harness import ACTIVE, INACTIVE, compare_with_eager, isolated, new_clip, stats  # noqa: F401
 from test_policies import train
 
 AOT = {"inner": "aot_eager"}
@@ -118,14 +118,47 @@ def test_fused_two_optimizers_no_fold(max_norm):
     assert "scale_folded" not in stats(side.clip)
 
 
+@pytest.mark.parametrize("first", [False, True], ids=["later", "first"])
 @pytest.mark.parametrize("kind", ["nan", "inf"])
-def test_fused_skip_nonfinite(kind):
-    """``skip_nonfinite`` with a fused Adam stepped eagerly: finite steps fold, the nonfinite
-    one is skipped with eager's ``.grad``, parameters and state."""
+def test_fused_skip_nonfinite(kind, first):
+    """``skip_nonfinite`` with a fused Adam stepped eagerly: the nonfinite flag goes to the
+    kernel as ``found_inf``; parameters and state (the step count too) stay as eager's, which
+    skips ``opt.step()``; a skipped first step leaves no state (dropped at the next step). The
+    ``.grad`` of a skipped step keeps the unclipped gradients (nothing consumed them; eager's
+    clip scaled them by 0 or nan), so it is not compared on those steps."""
+    bad = {0: kind, 2: kind} if first else {1: kind, 3: kind}
     clip = train(mode="backward", max_norm=ACTIVE, skip_nonfinite=True, optimizer="adam_fused",
-                 bad_steps={1: kind}, steps=4)
+                 bad_steps=bad, steps=5, grads_on_skipped_steps=False, state_from_step=1 if first else 0)
+    assert int(clip.skipped_steps) == 2
+    assert clip.stats["scale_folded"] == 5
+
+
+def test_fused_skip_nonfinite_does_not_sync(monkeypatch):
+    """After the first step: no Tensor.item / __bool__ / __float__ during a fused step, finite
+    or skipped."""
+    from test_policies import bad_input
+
+    torch.manual_seed(0)
+    model = models.mlp()
+    opt = FUSED["adam"](model.parameters())
+    clip = new_clip(max_norm=ACTIVE, skip_nonfinite=True, inner="aot_eager")
+    run = torch.compile(model, backend=clip)
+    run(torch.randn(6, 8)).pow(2).mean().backward()
+    opt.step()  # the first: may read whether it was skipped (to drop the state it created)
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("host sync during the step")
+
+    for x in (torch.randn(6, 8), bad_input(torch.randn(6, 8), "nan"), torch.randn(6, 8)):
+        opt.zero_grad(set_to_none=True)
+        run(x).pow(2).mean().backward()
+        for name in ("item", "__bool__", "__float__", "__int__", "tolist"):
+            monkeypatch.setattr(torch.Tensor, name, no_sync)
+        opt.step()
+        monkeypatch.undo()
     assert int(clip.skipped_steps) == 1
-    assert clip.stats["scale_folded"] == 3
+    assert clip.stats["scale_folded"] == 4
+    assert not torch.isnan(next(model.parameters())).any()
 
 
 def test_fused_grad_scaler():
