@@ -240,7 +240,8 @@ def test_policy_in_real_loops(kind):
         assert stats.pop("norm_from_backward", 0) + stats.pop("norm_at_step", 0) == 12, side.clip.stats
     expected = {  # accumulation: the first step before the step graph exists, its norm the step's own
         "accumulation": {"backward_graph_runs": 24, "step_eager": 1, "norm_at_step": 1, "step_in_graph": 11},
-        "fused_adam": {"backward_graph_runs": 12, "step_eager": 12, "norm_from_backward": 12},
+        # fused_adam: the coefficient folded into the fused kernel through opt.grad_scale (no scale pass)
+        "fused_adam": {"backward_graph_runs": 12, "step_eager": 12, "norm_from_backward": 12, "scale_folded": 12},
         "closure": {"backward_graph_runs": 12, "step_after_closure": 12}}[kind]
     assert stats == expected, side.clip.stats
 
