@@ -1,11 +1,14 @@
-"""Host overhead of a compiled optimizer step, in microseconds: plain ``torch.compile(opt.step)``,
-the same while a clip exists (torch's global step hooks then make an eager call per step), and
-``clip.compile_step(opt)``. A tiny model, so that the Python around the kernels dominates.
+"""Host overhead of a compiled optimizer step, in microseconds per step: plain
+``torch.compile(opt.step)`` with no clip alive, against ``clip.compile_step(opt)`` after an eager
+backward and after a backward of a model compiled with the clip. Tiny tensors on one thread, so
+that the Python around the kernels is what is measured.
 
-    .venv/bin/python bench/step_hook_overhead.py [--reps 9] [--calls 300]
+    .venv/bin/python bench/step_hook_overhead.py [--tensors 16 512] [--reps 7] [--steps 100]
 
-The three variants are timed interleaved, ``--reps`` times ``--calls`` calls each; printed:
-median, min and max of the per-call time over the repetitions.
+Each step follows a fresh backward (untimed); only the step call is timed. One repetition times
+``--steps`` steps of every variant, the plain one while the clip's global step hooks are
+unregistered (as in a process without a clip). Printed: median [min, max] over repetitions of
+the mean time per step, and the ratio of the medians to plain.
 """
 
 from __future__ import annotations
@@ -18,49 +21,74 @@ import time
 import torch
 
 import compileclip
+from compileclip import hooks
 
 
-def make_opt(seed: int = 0) -> torch.optim.Optimizer:
+def model_of(n: int, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = torch.nn.Linear(8, 8)
-    model(torch.randn(2, 8)).sum().backward()
-    return torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
+    return torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(n // 2)])
 
 
-def per_call_us(fn, calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls * 1e6
+class Variant:
+    """One training loop; ``block(steps)`` returns the mean seconds of its step calls."""
+
+    def __init__(self, n: int, seed: int, step_of, run_of=lambda m: m) -> None:
+        self.model = model_of(n, seed)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3, foreach=True)
+        self.run = run_of(self.model)
+        self.step = step_of(self.opt)
+        self.x = torch.randn(2, 4)
+
+    def block(self, steps: int) -> float:
+        total = 0.0
+        for _ in range(steps):
+            self.opt.zero_grad(set_to_none=True)
+            self.run(self.x).sum().backward()
+            t = time.perf_counter()
+            self.step()
+            total += time.perf_counter() - t
+        return total / steps
+
+
+def measure(n: int, reps: int, steps: int) -> dict[str, list[float]]:
+    clip = compileclip.clip_backend(max_norm=1e-3)
+    hooks.remove(clip)  # plain is compiled and run with no clip hooks, as in a process without one
+    plain = Variant(n, 0, lambda o: torch.compile(o.step))
+    plain.block(3)
+    hooks.register(clip)
+    variants = {
+        "compile_step, eager model": Variant(n, 1, clip.compile_step),
+        "compile_step, model compiled with the clip": Variant(
+            n, 2, clip.compile_step, lambda m: torch.compile(m, backend=clip)),
+    }
+    for v in variants.values():
+        v.block(3)
+    times = {"plain torch.compile(opt.step)": [], **{k: [] for k in variants}}
+    for _ in range(reps):  # interleaved
+        hooks.remove(clip)
+        times["plain torch.compile(opt.step)"].append(plain.block(steps))
+        hooks.register(clip)
+        for name, v in variants.items():
+            times[name].append(v.block(steps))
+    return times
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--reps", type=int, default=9)
-    p.add_argument("--calls", type=int, default=300)
+    p.add_argument("--tensors", type=int, nargs="+", default=[16, 512])
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--steps", type=int, default=100)
     args = p.parse_args()
-    # plain first: before any clip exists, the global hooks are not even registered
-    plain = torch.compile(make_opt().step)
-    for _ in range(20):
-        plain()
-    alone = [per_call_us(plain, args.calls) for _ in range(args.reps)]
-    clip = compileclip.clip_backend(max_norm=1e6)
-    variants = {
-        "torch.compile(opt.step), a clip alive": torch.compile(make_opt(1).step),
-        "clip.compile_step(opt)": clip.compile_step(make_opt(2)),
-    }
-    for fn in variants.values():
-        for _ in range(20):
-            fn()
-    times = {name: [] for name in variants}
-    for _ in range(args.reps):  # interleaved
-        for name, fn in variants.items():
-            times[name].append(per_call_us(fn, args.calls))
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads; Adam on 2 tensors; us per call over {args.reps} reps")
-    rows = {"torch.compile(opt.step), no clip": alone, **times}
-    for name, ts in rows.items():
-        print(f"  {name:40s} median {statistics.median(ts):7.1f}  min {min(ts):7.1f}  max {max(ts):7.1f}")
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, 1 thread; Adam(foreach) "
+          f"over tiny tensors; us per step call, median [min, max] over {args.reps} reps of {args.steps} steps")
+    for n in args.tensors:
+        times = measure(n, args.reps, args.steps)
+        base = statistics.median(times["plain torch.compile(opt.step)"])
+        print(f"{n} tensors")
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            print(f"  {name:45s} {med * 1e6:8.1f} [{min(ts) * 1e6:.1f}, {max(ts) * 1e6:.1f}]  {med / base:5.2f}x")
 
 
 if __name__ == "__main__":

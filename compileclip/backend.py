@@ -9,6 +9,7 @@ gradient (``backward.py``). The clip itself happens at the optimizer step (``pla
 from __future__ import annotations
 
 import functools
+import types
 import weakref
 from typing import Any
 
@@ -225,7 +226,11 @@ class ClipBackend:
         # Dynamo keeps the backend of a step that hit its recompile limit alive (a reference
         # from C): a weak proxy lets this clip go, and stop hearing steps, when the user drops it
         backend = _WeakBackend(self)
-        return CompiledStep(optimizer, torch.compile(optimizer.step, backend=backend, **compile_kwargs), self._runtime)
+        raw = type(optimizer).step
+        if getattr(raw, "hooked", False):  # torch's Optimizer.step wrapper: CompiledStep does its work
+            raw = raw.__wrapped__
+        raw = types.MethodType(raw, optimizer)
+        return CompiledStep(optimizer, torch.compile(raw, backend=backend, **compile_kwargs), self._runtime, raw)
 
     def attach(self, optimizer: torch.optim.Optimizer, parameters=None) -> _Attachment:
         """Tell the clip about an optimizer it cannot infer, naming the parameters as eager code

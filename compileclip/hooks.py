@@ -21,6 +21,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+from torch.optim import optimizer as _optim
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from . import discover
@@ -113,24 +114,42 @@ def _pending_error(clips, opt) -> None:
             "clip.attach(optimizer, parameters=[]) leaves its steps unclipped.")
 
 
-@torch._dynamo.disable
-def _on_pre(opt, args, kwargs, compiled_frame: bool):
+def begin(opt, args, kwargs, compiled_frame: bool, again: bool = False):
+    """The clips' side of a step's pre-hook (also called by ``CompiledStep``, which runs the
+    hooks itself; ``again``: the same step, planned anew after an abort). Returns new (args,
+    kwargs) when the step's closure is wrapped."""
     if not _clips:
         return None
-    _steps[0] += 1
+    _steps[0] += not again
     rt = owner_of(opt)
     if rt is None:
         return None
     return rt.begin_step(opt, args, kwargs, compiled_frame)
 
 
-@torch._dynamo.disable
-def _on_post(opt) -> None:
+def end(opt) -> None:
+    """The clips' side of a step's post-hook."""
     for clip in list(_clips):
         rt = clip._runtime
         if rt.open is not None and (rt.nested or rt.open.optimizer() is opt):
             rt.end_step(opt)
             discover.warn_if_graphless(rt, opt)
+
+
+def others(opt) -> tuple[list, list]:
+    """The step pre- and post-hooks torch's ``Optimizer.step`` wrapper would run, in its order,
+    but this module's: for a step that runs them itself (``CompiledStep``)."""
+    glob_pre, glob_post = _optim._global_optimizer_pre_hooks, _optim._global_optimizer_post_hooks
+    own_pre, own_post = opt._optimizer_step_pre_hooks, opt._optimizer_step_post_hooks
+    if len(glob_pre) + len(glob_post) + len(own_pre) + len(own_post) == len(_handles):
+        return (), ()  # only this module's
+    pre = [h for h in glob_pre.values() if h is not _pre_hook]
+    post = [h for h in glob_post.values() if h is not _post_hook]
+    return pre + list(own_pre.values()), list(own_post.values()) + post
+
+
+_on_pre = torch._dynamo.disable(begin)
+_on_post = torch._dynamo.disable(end)
 
 
 # Dynamo traces these two: they read no mutable state (a guard on the set of clips would

@@ -57,13 +57,25 @@ def key(t: torch.Tensor) -> tuple[int, int]:
     return ((local if local is not None else t).data_ptr(), t._version)
 
 
+def keys(tensors: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
+    """``key`` of each tensor, batched (DTensors through ``key``)."""
+    if any(getattr(t, "_local_tensor", None) is not None for t in tensors[:1]):
+        return [key(t) for t in tensors]
+    return list(zip(map(_data_ptr_of, tensors), map(_version_of, tensors)))
+
+
 def versions(tensors: Sequence[torch.Tensor]) -> list[int]:
     return list(map(_version_of, tensors))
 
 
 def step_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     """The parameters of ``opt`` that have a ``.grad``, in order."""
-    params = list(itertools.chain.from_iterable(g["params"] for g in opt.param_groups))
+    return with_grad(list(itertools.chain.from_iterable(g["params"] for g in opt.param_groups)))
+
+
+def with_grad(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Those of ``params`` that have a ``.grad``, in order."""
+    params = list(params)
     gs = grads(params)
     if not has_none(gs):
         return params

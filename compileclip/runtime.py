@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import warnings
 import weakref
 from collections import Counter
@@ -31,6 +32,7 @@ from .policies import POLICIES
 from .records import BackwardRun
 from .scope import Group, Scope
 
+_is_sparse = operator.attrgetter("is_sparse")
 _MAX_RUNS = 256  # records kept between steps (a loop that never steps must not grow them)
 
 
@@ -200,7 +202,7 @@ class ClipRuntime:
 
     def facts(self, opt, group: Group, args: tuple, kwargs: dict, compiled_frame: bool) -> StepFacts:
         cfg = self.config
-        params = [p for p in group.params if p.grad is not None]
+        params = identity.with_grad(group.params)
         own = identity.step_params(opt)
         clipped, grew = self._clipped_state(opt, own, self.marks.get(id(group.key)))
         grads = [p.grad for p in params]
@@ -214,7 +216,7 @@ class ClipRuntime:
             closure=closure,
             compiled_frame=compiled_frame, graph_ready=opt in self.graph_ready,
             group_is_step=identity.ids(params) == identity.ids(own),
-            sparse=any(g.is_sparse for g in grads), dtensor=any(map(eager.is_dtensor, grads[:1])),
+            sparse=any(map(_is_sparse, grads)), dtensor=any(map(eager.is_dtensor, grads[:1])),
             fuse=cfg.fuse, computes_norm=cfg.computes_norm,
             trusted=eager.trusted(self) if self.runs or closure else True,  # only records need trust
             # only an IN_GRAPH plan asks (whether to hand the backward's norms to the graph)
@@ -231,7 +233,7 @@ class ClipRuntime:
     def _clipped_state(opt, own: list, marks: Marks | None) -> tuple[Clipped, bool]:
         if marks is None or not own or id(opt) in marks.consumers:  # a second step: not this backward's
             return Clipped.NONE, False
-        same = [marks.grads.get(id(p)) == identity.key(p.grad) for p in own]
+        same = list(map(operator.eq, map(marks.grads.get, map(id, own)), identity.keys(identity.grads(own))))
         if all(same):
             return Clipped.ALL, False
         if any(same) and all(id(p) not in marks.members for p, s in zip(own, same) if not s):
@@ -241,7 +243,7 @@ class ClipRuntime:
     def mark_clipped(self, step: OpenStep, opt) -> None:
         """After a clip: the group's gradients as they are now, for the group's later steps."""
         params = [p for p in step.group.params if p.grad is not None]
-        self.marks[id(step.group.key)] = Marks({id(p): identity.key(p.grad) for p in params},
+        self.marks[id(step.group.key)] = Marks(dict(zip(map(id, params), identity.keys(identity.grads(params)))),
                                                frozenset(map(id, step.group.params)), {id(opt)}, step.skipped)
 
     def end_step(self, opt) -> None:
@@ -269,10 +271,13 @@ class ClipRuntime:
         elif step.plan.action is Action.ALREADY:
             self.marks[id(step.group.key)].consumers.add(id(opt))
 
-    def abort_step(self, opt) -> None:
-        """The compiled step raised before its body ran (Dynamo's recompile limit) and will run
-        again eagerly: a clip already applied is marked, so that the rerun does not clip twice."""
+    def abort_step(self, opt, replanned: bool = False) -> None:
+        """The step raised (``CompiledStep``: Dynamo's recompile limit, before the step's body
+        ran, then ``replanned``: the step runs again eagerly, planned anew, and its first plan
+        is not counted): a clip already applied is marked, so that a rerun does not clip twice."""
         step, self.open, self.nested = self.open, None, 0
+        if step is not None and replanned:
+            self.stats[f"step_{step.plan.action.value}"] -= 1
         if step is not None:
             eager.unfold(self, step, opt)
         if step is not None and step.clipped:
@@ -300,7 +305,10 @@ class ClipRuntime:
             # one host read, on the graph's first step only (later steps run another graph)
             self.state_drops.append((weakref.ref(opt), state_before))
         if clipped and self.config.computes_norm:
-            mon = self.monitor(self.scope.group(opt)) if opt is not None else self.monitors.for_optimizer(None)
+            step = self.open
+            group = step.group if step is not None and step.optimizer() is opt else None
+            mon = (self.monitor(group or self.scope.group(opt)) if opt is not None
+                   else self.monitors.for_optimizer(None))
             self.finish(total, eager.threshold_for(self, total, mon) if thr is None else thr, mon)
         if guarded:
             self.count_skipped(nonfinite)

@@ -24,7 +24,7 @@ import torch.fx as fx
 from . import clipmath
 from .compiling import compile_graph
 from .eager import is_dtensor
-from .passes import copy_graph, grad_placeholders, guard_input_mutations, insert_step_clip
+from .passes import GraphSignature, copy_graph, grad_placeholders, guard_input_mutations, insert_step_clip
 from .step_call import ClippedStep, EagerClipThenStep
 
 if TYPE_CHECKING:
@@ -49,14 +49,21 @@ def is_wrapper(opt: torch.optim.Optimizer) -> bool:
 
 
 def _frame_optimizers() -> list[torch.optim.Optimizer]:
-    """The optimizers in the locals of the frame Dynamo is compiling (``self`` of ``step``)."""
+    """The optimizers in the locals of the frame Dynamo is compiling: ``self`` of ``step``, in
+    the ``args`` of a decorator's wrapper (``@torch.no_grad()`` on a user's ``step``), or the
+    object of the bound method that ``torch.compile`` wraps (``fn`` of Dynamo's ``inner``)."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
         f_locals = InstructionTranslator.current_tx().f_locals
     except (ImportError, AttributeError, RuntimeError, AssertionError):  # not under Dynamo
         return []
-    return [v for v in f_locals.values() if isinstance(v, torch.optim.Optimizer)]
+    found = []
+    for v in f_locals.values():
+        for x in (v if isinstance(v, tuple) else (v, getattr(v, "__self__", None))):
+            if isinstance(x, torch.optim.Optimizer) and not any(x is o for o in found):
+                found.append(x)
+    return found
 
 
 def _check(config, rt, grad_inputs: list[torch.Tensor], optimizers: list) -> None:
@@ -177,7 +184,7 @@ class _Variants:
         by_grad = {id(p.grad): p for o in optimizers for g in o.param_groups for p in g["params"] if p.grad is not None}
         self.grad_params = tuple(weakref.ref(by_grad[id(t)]) for t in grad_inputs) if mon.per_param else ()
         self.compiled: dict[bool, tuple] = {}
-        self._names: dict[bool, tuple[str, ...]] = {}
+        self._names: dict[bool, GraphSignature] = {}
 
     def inputs(self, given: bool) -> dict:
         """The runtime inputs' example values, in the graph's order (their names are the
@@ -194,12 +201,12 @@ class _Variants:
             ex["state"] = list(self.state)
         return ex
 
-    def input_names(self, given: bool) -> tuple[str, ...]:
-        """The runtime inputs' names, in the graph's order (made once: ``inputs`` makes tensors)."""
-        names = self._names.get(given)
-        if names is None:
-            names = self._names[given] = tuple(self.inputs(given))
-        return names
+    def signature(self, given: bool) -> GraphSignature:
+        """The runtime inputs by name, in the graph's order (made once: ``inputs`` makes tensors)."""
+        sig = self._names.get(given)
+        if sig is None:
+            sig = self._names[given] = GraphSignature(tuple(self.inputs(given)))
+        return sig
 
     def get(self, given: bool, call_inputs: list | None = None):
         if given not in self.compiled:

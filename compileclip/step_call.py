@@ -9,7 +9,6 @@ from typing import Any
 import torch
 
 from .eager import is_dtensor
-from .passes import GraphSignature
 
 
 class ClippedStep:
@@ -40,7 +39,7 @@ class ClippedStep:
                   "scale": scale, "total_norm": handed}
         if self.variants.policy is not None:  # read only by the graph: updated after it, by ``finish``
             values["state"] = self._monitor(opt).policy_state(dev)
-        full = GraphSignature(self.variants.input_names(given)).bind(args, values)
+        full = self.variants.signature(given).bind(args, values)
         compiled, sig = self.variants.get(given, full)
         state_before = {p: set(st) for p, st in opt.state.items()} if self.initializing else None
         # Dynamo calls what a backend returns with *args, whatever ``_boxed_call`` says
@@ -114,27 +113,62 @@ def _amp_begin(scaler, opt, device: torch.device):
 
 
 class CompiledStep:
-    """What ``clip.compile_step(opt)`` returns: call it as ``opt.step``. Dynamo's recompile limit
-    raises here instead of silently running the step uncompiled (and unclipped, where the plan
-    left the clip to the graph); the step is then run eagerly, clipped by the pre-hook."""
+    """What ``clip.compile_step(opt)`` returns: call it as ``opt.step``.
 
-    def __init__(self, optimizer, compiled, runtime) -> None:
+    ``compiled`` is the optimizer's own step function compiled, without torch's
+    ``Optimizer.step`` wrapper: this object does the wrapper's work around it (the other step
+    hooks, in torch's order, and the clip's plan), so that Dynamo compiles the update alone, in
+    one frame with no graph break, and the host pays for the hooks once, in plain Python.
+    Dynamo's recompile limit raises here instead of silently running the step uncompiled (and
+    unclipped, where the plan left the clip to the graph); the step is then run eagerly, clipped
+    by the plan. A step given a closure runs eagerly (``opt.step(closure)``): the closure's
+    backward runs inside it, and the clip after it."""
+
+    def __init__(self, optimizer, compiled, runtime, raw=None) -> None:
         self.optimizer = optimizer
         self.compiled = compiled  # None: stepped eagerly (a fused optimizer, a wrapper)
         self.runtime = runtime
+        self._raw = raw  # the optimizer's step without torch's hook wrapper, bound
         # made once: a config patch is a new class and context variable per torch's patch() call
         # (~15 us a step); entered and exited each call, never nested
         self._fail_on_limit = torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
 
     def __call__(self, *args, **kwargs):
-        if self.compiled is None:
-            return self.optimizer.step(*args, **kwargs)
+        opt = self.optimizer
+        if self.compiled is None or args or kwargs:
+            return opt.step(*args, **kwargs)
+        from . import hooks
+
+        opt._opt_called = True  # what an LR scheduler's wrapper of opt.step records
+        pre, post = hooks.others(opt)
+        for hook in pre:
+            result = hook(opt, args, kwargs)
+            if result is not None:
+                args, kwargs = result
+        new = hooks.begin(opt, args, kwargs, compiled_frame=True)
+        if new is not None:
+            args, kwargs = new
+        try:
+            out = self._call(opt, args, kwargs)
+        except BaseException:
+            self.runtime.abort_step(opt)  # no post-hook will close the step
+            raise
+        opt._optimizer_step_code()
+        for hook in post:
+            hook(opt, args, kwargs)
+        hooks.end(opt)
+        return out
+
+    def _call(self, opt, args, kwargs):
         from torch._dynamo.exc import FailOnRecompileLimitHit
+
+        from . import hooks
 
         try:
             with self._fail_on_limit:
                 return self.compiled(*args, **kwargs)
         except FailOnRecompileLimitHit:
-            self.runtime.abort_step(self.optimizer)
+            self.runtime.abort_step(opt, replanned=True)
             self.runtime.stats["step_recompile_limit"] += 1
-            return self.optimizer.step(*args, **kwargs)
+            hooks.begin(opt, args, kwargs, compiled_frame=False, again=True)
+            return self._raw(*args, **kwargs)

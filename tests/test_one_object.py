@@ -285,6 +285,45 @@ def test_compile_step_costs_no_recompile():
     assert counts[0] == counts[1], counts
 
 
+def test_compile_step_runs_the_other_step_hooks_and_lr_schedulers():
+    """compile_step compiles the optimizer's own step and does the work of torch's
+    ``Optimizer.step`` wrapper itself: the other global and per-optimizer step hooks run once
+    per step, in torch's order, and an LR scheduler made before or after it sees the step (no
+    "lr_scheduler.step() before optimizer.step()" warning; the schedule advances)."""
+    import warnings
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    torch.manual_seed(0)
+    model = models.mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(0.01), foreach=False)
+    clip = new_clip(max_norm=ACTIVE)
+    before = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    step = clip.compile_step(opt)
+    after = torch.optim.lr_scheduler.MultiplicativeLR(opt, lambda k: 1.0)
+    calls = []
+    handles = [register_optimizer_step_pre_hook(lambda o, a, k: calls.append("global pre")),
+               opt.register_step_pre_hook(lambda o, a, k: calls.append("pre")),
+               opt.register_step_post_hook(lambda o, a, k: calls.append("post")),
+               register_optimizer_step_post_hook(lambda o, a, k: calls.append("global post"))]
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                loss_of(model, torch.randn(6, 8)).backward()
+                step()
+                before.step()
+                after.step()
+                opt.zero_grad()
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == ["global pre", "pre", "post", "global post"] * 3, calls
+    assert not [w for w in caught if "lr_scheduler" in str(w.message)], [str(w.message) for w in caught]
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.01 * 0.5 ** 3)
+    assert clip.stats["step_in_graph"] == 2, clip.stats
+
+
 def test_compile_step_validates_its_argument():
     with pytest.raises(TypeError, match="compile_step needs a torch.optim.Optimizer, got Linear"):
         new_clip(max_norm=1.0).compile_step(nn.Linear(2, 2))

@@ -255,3 +255,45 @@ def test_clip_adds_only_the_norm_loops(name, foreach):
 def test_step_writes_grad_is_validated():
     with pytest.raises(TypeError, match="step_writes_grad"):
         clip_backend(1.0, step_writes_grad="yes")
+
+
+class _Globals:
+    """The model and optimizer of ``_whole_step``: module globals, never locals of its frames."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+
+
+def _whole_step(x):
+    _Globals.opt.zero_grad(set_to_none=True)
+    loss_of(_Globals.model, x).backward()
+    _Globals.opt.step()
+
+
+def test_whole_train_step_compiled_with_a_global_optimizer(max_norm):
+    """``torch.compile(train_step, backend=clip)`` of forward, backward and ``opt.step()``, the
+    optimizer a global that is never a local of the compiled frames: the step's graph is found
+    to be ``opt``'s (Dynamo resumes inside torch's ``Optimizer.step`` wrapper, after the clip's
+    step hook), so it neither clips twice nor leaves the step unclipped."""
+    compiled: dict = {}
+
+    def run(models_, opts, clip, steps, i):
+        (model,), (opt,), (step,) = models_, opts, steps
+        x = torch.randn(6, 8)
+        if clip is None:
+            opt.zero_grad(set_to_none=True)
+            loss_of(model, x).backward()
+            step()
+            return
+        _Globals.model, _Globals.opt = model, opt
+        compiled.setdefault("fn", torch.compile(_whole_step, backend=clip))(x)
+        step.record()
+
+    from harness import Step
+
+    side = compare_with_eager(run, lambda: [models.mlp()], opt_of("adam", True),
+                              lambda ms, os, make: (ms, [Step(o, make()) for o in os]),
+                              max_norm=max_norm, iterations=4)
+    # the first step before its graph has run (clipped at the pre-hook), the others in the graph
+    assert side.clip.stats["step_in_graph"] == 3 and side.clip.stats["step_eager"] == 1, side.clip.stats
+    del _Globals.model, _Globals.opt
