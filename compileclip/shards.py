@@ -79,9 +79,11 @@ def total_norm(grads: Sequence, norm_type: float, mesh, dims: Sequence[int]) -> 
     local = local_grads(grads)
     first = local[0].device
     norms: list[torch.Tensor] = []
-    for (_device, _dtype), ([tensors], _) in _group_tensors_by_device_and_dtype([local]).items():
-        norms.extend(torch._foreach_norm(tensors, p))
-    stacked = torch.stack([n.to(first) for n in norms])
+    for (device, _dtype), ([tensors], _) in _group_tensors_by_device_and_dtype([local]).items():
+        group_norms = torch._foreach_norm(tensors, p)
+        # eager moves each norm to the first device: a no-op on that device, but a dispatch each
+        norms.extend(group_norms if device == first else [n.to(first) for n in group_norms])
+    stacked = torch.stack(norms)
     for d in dims:
         group = mesh.get_group(d)
         if math.isinf(p):

@@ -122,13 +122,24 @@ def main(rank: int, port: int, name: str) -> None:
         dist.destroy_process_group()
 
 
+def _under_aten(event) -> bool:
+    p = event.cpu_parent
+    while p is not None:
+        if p.name.startswith("aten::"):
+            return True
+        p = p.cpu_parent
+    return False
+
+
 def main_ops(rank: int, port: int, name: str) -> None:
     """What the clip adds to an FSDP2 step is a constant number of ops on plain tensors (the
     local shards), none on DTensors: ``opt.step()`` (SGD, foreach) of a model compiled with the
     clip against the same step of a model compiled without it, 4, 32 and 128 blocks (8 to 256
     sharded gradients), counted by a dispatch mode (the ops called at the top level, by name
-    and by whether a DTensor is among their arguments)."""
+    and by whether a DTensor is among their arguments) and by the profiler (which also sees
+    the ops that return their input, such as ``.to`` a tensor's own device)."""
     from torch.distributed.tensor import DTensor
+    from torch.profiler import ProfilerActivity, profile
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -166,9 +177,12 @@ def main_ops(rank: int, port: int, name: str) -> None:
                 for i in range(2):
                     opt.zero_grad(set_to_none=True)
                     loss_fn(run(batch(rank, i, 16))).backward()
-                    with Count() as c:
+                    with Count() as c, profile(activities=[ProfilerActivity.CPU]) as prof:
                         opt.step()
-                counts.append(Counter(c.names))
+                # the profiler also sees what the dispatch mode does not: ops that return their
+                # input (``.to`` a tensor's own device), each still a dispatch on the host
+                top = [e.name for e in prof.events() if e.name.startswith("aten::") and not _under_aten(e)]
+                counts.append(Counter(c.names) + Counter(top))
             clip = backend
             assert clip.stats["norm_local_shards"] == 2, dict(clip.stats)
             clip.remove()
