@@ -156,10 +156,12 @@ def _unscale(rt: ClipRuntime, step: OpenStep, opt, params) -> bool:
     return False
 
 
-def group_norms(rt: ClipRuntime, params: list, use_backward: bool) -> torch.Tensor:
+def group_norms(rt: ClipRuntime, params: list, use_backward: bool, step: OpenStep | None = None) -> torch.Tensor:
     """The norm of each of ``params``' gradients, in their order (see ``records``)."""
     parts, from_backward = records.ordered_norms(rt.runs, params, rt.config.norm_type, trusted=use_backward)
     rt.stats["norm_from_backward" if from_backward == len(params) else "norm_at_step"] += 1
+    if step is not None:
+        step.backward_norms = from_backward == len(params)
     if use_backward and rt.runs and from_backward == 0:
         _warn_if_changed_in_place(rt, params)
     return parts
@@ -206,7 +208,7 @@ def clip_group(rt: ClipRuntime, step: OpenStep, opt) -> None:
             grads = shards.local_grads(grads)
             rt.stats["norm_local_shards"] += 1
         else:
-            parts = group_norms(rt, params, step.plan.use_backward)
+            parts = group_norms(rt, params, step.plan.use_backward, step)
             total = total_of(parts, grads, cfg.norm_type)
             if mon.per_param:
                 mon.record_param_norms(parts, [weakref.ref(p) for p in params])

@@ -50,6 +50,7 @@ class OpenStep:
     skipped: torch.Tensor | bool = False
     attrs_before: dict = dataclasses.field(default_factory=dict)  # fold: grad_scale/found_inf before it
     state_before: dict | None = None  # kernel_skip on a first step: the state before it (to drop it)
+    backward_norms: bool = False  # EAGER: every norm came from the backward's records
 
 
 @dataclasses.dataclass

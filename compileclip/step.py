@@ -132,9 +132,19 @@ def compile_step_graph(backend: ClipBackend, gm: fx.GraphModule, example_inputs:
     builder = _Variants(backend, gm, example_inputs, grad_positions, grad_inputs, optimizer, optimizers,
                         {**STEP_PATCHES, **patches})
     step = rt.open
-    first = step is not None and step.handed is not None and step.optimizer() is optimizer
-    builder.get(first)
+    handed = step is not None and step.handed is not None and step.optimizer() is optimizer
+    builder.get(handed or _norm_will_be_handed(rt, optimizer, builder))
     return ClippedStep(builder, rt, optimizer, _initializing(optimizer) and builder.guarded)
+
+
+def _norm_will_be_handed(rt, optimizer, builder) -> bool:
+    """At a step the pre-hook clips eagerly (the graph's first run, which does not clip): whether
+    later steps will hand the graph the backward's norms (the model is compiled with this clip,
+    and its records cover the step's gradients). Then that variant is the one compiled first,
+    and this step runs it disabled: one Inductor compile of the step instead of two."""
+    step = rt.open
+    return (step is not None and optimizer is not None and step.optimizer() is optimizer and step.backward_norms
+            and not builder.guarded)
 
 
 def _warn_low_precision(rt, config, grad_inputs) -> None:

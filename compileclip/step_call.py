@@ -33,6 +33,10 @@ class ClippedStep:
         amp_state, scale = _amp_begin(rt.scaler, opt, dev) if rt.scaler is not None else (None, None)
         clip, handed = rt.graph_call(opt)
         given = handed is not None
+        if not clip and given not in self.variants.compiled and self.variants.compiled and not self.variants.guarded:
+            # a step that does not clip (clipped at the pre-hook) runs whichever variant exists
+            given = next(iter(self.variants.compiled))
+            handed = rt.const("zero", 0.0, torch.float32, dev) if given else None
         values = {"max_norm": rt.max_norm_on(dev), "enabled": rt.const(("enabled", clip), clip, torch.bool, dev),
                   "clip_value": rt.const("value", rt.config.clip_value, torch.float32, dev)
                   if rt.config.clip_value is not None else None,

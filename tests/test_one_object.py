@@ -324,6 +324,21 @@ def test_compile_step_runs_the_other_step_hooks_and_lr_schedulers():
     assert clip.stats["step_in_graph"] == 2, clip.stats
 
 
+def test_one_object_compiles_the_step_once(monkeypatch):
+    """Model and step compiled with one clip: the first step is clipped at the pre-hook (its
+    graph has not run yet) and runs the graph disabled; the variant compiled for it is the one
+    later steps use (the backward's norm handed in), so Inductor compiles the step once."""
+    from compileclip import step as step_module
+
+    compiled = []
+    real = step_module.compile_graph
+    monkeypatch.setattr(step_module, "compile_graph", lambda *a, **k: compiled.append(1) or real(*a, **k))
+    side = compare_with_eager(supervised(), lambda: [models.mlp()], opt_of("adam", True), ONE_OBJECT,
+                              max_norm=ACTIVE, iterations=4)
+    assert stats(side) == {"backward_graph_runs": 4, "step_eager": 1, "norm_from_backward": 4, "step_in_graph": 3}
+    assert len(compiled) == 1, len(compiled)
+
+
 def test_compile_step_validates_its_argument():
     with pytest.raises(TypeError, match="compile_step needs a torch.optim.Optimizer, got Linear"):
         new_clip(max_norm=1.0).compile_step(nn.Linear(2, 2))
