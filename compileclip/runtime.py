@@ -181,6 +181,16 @@ class ClipRuntime:
     def begin_step(self, opt, args: tuple, kwargs: dict, compiled_frame: bool):
         """Torch's step pre-hook, for a step of an optimizer this clip owns. Returns new
         (args, kwargs) when the step's closure is wrapped."""
+        if self.open is not None and self.open.optimizer() is opt:
+            # a step of this optimizer is still open: that step raised (torch runs no post-hook
+            # then), since no optimizer's step runs inside its own. Closed, or every later step
+            # would pass for a nested one and go unclipped. Its optimizer attributes are
+            # restored (a fold's grad_scale); no marks are written: the gradients now are a
+            # later backward's
+            stale, self.open, self.nested = self.open, None, 0
+            eager.unfold(self, stale, opt)
+            self.warn_once("step_raised", f"an earlier {type(opt).__name__}.step() raised before it finished; "
+                           "this step is clipped as usual")
         if self.open is not None:
             self.nested += 1
             return None

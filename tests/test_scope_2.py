@@ -263,3 +263,44 @@ def test_two_groups_stepped_interleaved(max_norm):
                                                          mlp()],
                               interleaved_opts, max_norm=max_norm, iterations=3, **AOT)
     assert side.clip.stats["step_already_clipped"] == 3, side.clip.stats
+
+
+def test_a_step_that_raised_does_not_leave_later_steps_unclipped(max_norm):
+    """A loop that catches an exception from ``opt.step()`` (a step hook of its own raising, an
+    out-of-memory retry) and goes on: torch runs no post-hook after the exception, so the
+    clip's step stays open; the optimizer's next step closes it (with a warning) and is clipped
+    as eager clips it, instead of passing for a step nested in the open one."""
+    def make():
+        torch.manual_seed(0)
+        model = mlp()
+        return model, torch.optim.Adam(model.parameters(), lr=1e-2, foreach=True)
+
+    def loop(model, opt, run, eager: bool):
+        fail = [False]
+        opt.register_step_pre_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("boom")) if fail[0] else None)
+        out = []
+        for i in range(4):
+            torch.manual_seed(100 + i)
+            opt.zero_grad(set_to_none=True)
+            F.mse_loss(run(torch.randn(6, 8)), torch.randn(6, 4)).backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm) if eager else None
+            fail[0] = i == 1
+            try:
+                opt.step()
+            except RuntimeError as e:
+                assert str(e) == "boom"
+            out.append((norm, [p.detach().clone() for p in model.parameters()]))
+        return out
+
+    ref_model, ref_opt = make()
+    ref = loop(ref_model, ref_opt, ref_model, eager=True)
+    model, opt = make()
+    clip = new_clip(max_norm=max_norm)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = loop(model, opt, torch.compile(model, backend=clip), eager=False)
+    for i, ((norm, ps), (_, qs)) in enumerate(zip(ref, got)):
+        for p, q in zip(ps, qs):
+            torch.testing.assert_close(q, p, msg=lambda m: f"step {i}: {m}")
+    torch.testing.assert_close(clip.total_norm, ref[-1][0])
+    assert any("raised before it finished" in str(w.message) for w in caught)
