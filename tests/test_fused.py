@@ -77,8 +77,13 @@ def test_fused_step_folds_the_scale(max_norm, name):
     watch: list = []
     side = compare_with_eager(make_loop(watch), lambda: [models.mlp()], lambda ms: [FUSED[name](ms[0].parameters())],
                               max_norm=max_norm, iterations=4, **AOT)
-    assert stats(side.clip)["scale_folded"] == 4
     assert stats(side.clip)["norm_from_backward"] == 4
+    if not getattr(side.opts[0], "_step_supports_amp_scaling", False):
+        # torch 2.11's fused Adagrad does not declare that it reads grad_scale: not folded,
+        # clipped by one _foreach_mul_ (eager's numbers all the same, compared above)
+        assert "scale_folded" not in stats(side.clip), side.clip.stats
+        return
+    assert stats(side.clip)["scale_folded"] == 4
     assert len(watch) == 3
     for names in watch:  # the ops that read a gradient during the step: the optimizer's kernel
         assert [n.split(".")[0] for n in names] == [f"_fused_{name}_"], names
