@@ -194,7 +194,7 @@ class _Variants:
         by_grad = {id(p.grad): p for o in optimizers for g in o.param_groups for p in g["params"] if p.grad is not None}
         self.grad_params = tuple(weakref.ref(by_grad[id(t)]) for t in grad_inputs) if mon.per_param else ()
         self.compiled: dict[bool, tuple] = {}
-        self._names: dict[bool, GraphSignature] = {}
+        self._signatures: dict[bool, GraphSignature] = {}
 
     def inputs(self, given: bool) -> dict:
         """The runtime inputs' example values, in the graph's order (their names are the
@@ -213,9 +213,9 @@ class _Variants:
 
     def signature(self, given: bool) -> GraphSignature:
         """The runtime inputs by name, in the graph's order (made once: ``inputs`` makes tensors)."""
-        sig = self._names.get(given)
+        sig = self._signatures.get(given)
         if sig is None:
-            sig = self._names[given] = GraphSignature(tuple(self.inputs(given)))
+            sig = self._signatures[given] = GraphSignature(tuple(self.inputs(given)))
         return sig
 
     def get(self, given: bool, call_inputs: list | None = None):
