@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from . import hooks
+from . import ddp, hooks
 from .backward import norm_in_backward
 from .compiling import compile_graph, inductor_patches
 from .config import ClipConfig
@@ -232,6 +232,17 @@ class ClipBackend:
         raw = types.MethodType(raw, optimizer)
         return CompiledStep(optimizer, torch.compile(raw, backend=backend, **compile_kwargs), self._runtime, raw)
 
+    def comm_hook(self, hook=None):
+        """A DDP communication hook that runs ``hook`` (a ``(state, bucket) -> Future`` of your
+        own; DDP's default mean when None) and hands the clip the norm of each reduced gradient,
+        so that the step norms nothing: ``ddp.register_comm_hook(state, clip.comm_hook(hook))``.
+        Without it the clip installs its own hook on the DDP module it compiles, where DDP has
+        none and the world size is a power of two."""
+        if hook is not None and not callable(hook):
+            raise TypeError(f"compileclip: comm_hook(hook={hook!r}): hook must be a DDP communication "
+                            "hook, a callable (state, bucket) -> torch.futures.Future, or None")
+        return ddp.comm_hook(self._runtime, hook)
+
     def attach(self, optimizer: torch.optim.Optimizer, parameters=None) -> _Attachment:
         """Tell the clip about an optimizer it cannot infer, naming the parameters as eager code
         does. ``attach(opt)``: ``opt``'s steps are clipped, over its group (its parameters, with
@@ -299,7 +310,13 @@ class ClipBackend:
         rt.scope.add_graph(mods, leaf_idx.values())
         rt.graph_compiled()
         rewrite = None
-        if leaf_idx and self.config.fuse and (self.config.computes_norm or rt.scaler is not None):
+        under_ddp = ddp.active_ddp()
+        if under_ddp is not None:
+            # the graph sees the local gradients, before DDP averages them: the norms come from
+            # DDP's communication hook where the clip can install it, else from the step
+            if self.config.fuse and self.config.computes_norm:
+                ddp.install(rt, under_ddp)
+        elif leaf_idx and self.config.fuse and (self.config.computes_norm or rt.scaler is not None):
             # no reference to self: AOTAutograd may keep this past torch._dynamo.reset(), and a
             # live ClipBackend hears every optimizer step (a bare runtime hears none)
             rewrite = functools.partial(norm_in_backward, rt, leaf_idx, patches=patches)

@@ -63,12 +63,10 @@ def _scaler_codes() -> frozenset:
 
 
 def trusted(rt: ClipRuntime) -> bool:
-    """Nothing wrote the gradients without moving their version counters: c10d collectives
-    (DDP's reducer, FSDP, ``dist.all_reduce(p.grad)``) and ``GradScaler.unscale_``'s kernel do
-    (measured on torch 2.13). With a scaler attached, the backward's norms are of the unscaled
-    gradients already."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return False
+    """``GradScaler.unscale_``'s kernel did not write the gradients behind the records' back (it
+    moves no version counter, measured on torch 2.13; nor do c10d collectives, which
+    ``ClipRuntime.usable_runs`` answers for). With a scaler attached, the backward's norms are
+    of the unscaled gradients already."""
     return rt.scaler is not None or not _called_from_grad_scaler()
 
 
@@ -81,9 +79,10 @@ def fused_kernel(opt) -> bool:
 
 def covered(rt: ClipRuntime, params: list) -> bool:
     """Every one of ``params``' gradients has an intact backward record."""
-    if not rt.runs or not params:
+    runs = rt.usable_runs()
+    if not runs or not params:
         return False
-    ok = {id(r()) for run in rt.runs for r, good in zip(run.params, run.intact()) if good}
+    ok = {id(r()) for run in runs for r, good in zip(run.params, run.intact()) if good}
     return all(id(p) in ok for p in params)
 
 
@@ -158,18 +157,19 @@ def _unscale(rt: ClipRuntime, step: OpenStep, opt, params) -> bool:
 
 def group_norms(rt: ClipRuntime, params: list, use_backward: bool, step: OpenStep | None = None) -> torch.Tensor:
     """The norm of each of ``params``' gradients, in their order (see ``records``)."""
-    parts, from_backward = records.ordered_norms(rt.runs, params, rt.config.norm_type, trusted=use_backward)
+    runs = rt.usable_runs()
+    parts, from_backward = records.ordered_norms(runs, params, rt.config.norm_type, trusted=use_backward)
     rt.stats["norm_from_backward" if from_backward == len(params) else "norm_at_step"] += 1
     if step is not None:
         step.backward_norms = from_backward == len(params)
-    if use_backward and rt.runs and from_backward == 0:
-        _warn_if_changed_in_place(rt, params)
+    if use_backward and runs and from_backward == 0:
+        _warn_if_changed_in_place(rt, runs, params)
     return parts
 
 
-def _warn_if_changed_in_place(rt: ClipRuntime, params: list) -> None:
+def _warn_if_changed_in_place(rt: ClipRuntime, runs: list, params: list) -> None:
     ids = {id(p) for p in params}
-    changed = [c for run in rt.runs for r, c in zip(run.params, run.changed_in_place()) if id(r()) in ids]
+    changed = [c for run in runs for r, c in zip(run.params, run.changed_in_place()) if id(r()) in ids]
     if changed and all(changed):
         rt.warn_once(
             "changed_in_place",

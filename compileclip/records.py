@@ -4,8 +4,10 @@ A ``BackwardRun`` is one run of a compiled backward graph: the norm of each grad
 produced, and which tensors those gradients were. Its norm stands for a parameter's ``.grad``
 only while ``.grad`` is that very tensor with an unchanged version counter: a second backward
 (accumulation), an eager loss term on the same parameters, FSDP2's reduce-scatter or a user's
-in-place edit all break that. Writers that move no version counter (c10d collectives,
-``GradScaler.unscale_``'s kernel) are the step plan's business (``plan.StepFacts.trusted``).
+in-place edit all break that. Writers that move no version counter are the step plan's
+business: ``GradScaler.unscale_``'s kernel (``plan.StepFacts.trusted``) and c10d collectives
+(under torch.distributed only the norms DDP's hook took after its all-reduce are used:
+``ClipRuntime.usable_runs``).
 
 ``assign_norms`` is the pure decision: which parameter's norm comes from which run.
 """
@@ -33,6 +35,7 @@ class BackwardRun:
     grads: tuple[torch.Tensor, ...]
     versions: tuple[int, ...]
     steps: int = 0  # optimizer steps begun in the process before this run (hooks.steps)
+    collective: bool = False  # taken after the all-reduce (DDP's hook, ``ddp.py``), not by a graph
 
     def intact(self) -> list[bool]:
         """Per gradient: still its parameter's ``.grad``, unchanged (batched checks)."""

@@ -142,8 +142,7 @@ class ClipRuntime:
         task = torch._C._current_graph_task_id()
         if task != self._task or not self._pending:
             if task != self._task:  # a new backward: what earlier ones left is stale
-                self.runs.clear()
-                self.marks.clear()
+                self.new_backward()
             self._task = task
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         self._pending.append((tuple(pieces), params, identity.storages(grads), identity.data_ptrs(grads),
@@ -161,6 +160,25 @@ class ClipRuntime:
                 continue
             self.runs.append(BackwardRun(pieces, refs, tuple(now), versions, hooks.steps()))
         del self.runs[:-_MAX_RUNS]
+
+    def new_backward(self) -> None:
+        """A backward began: the records and marks of earlier ones are stale."""
+        self.runs.clear()
+        self.marks.clear()
+
+    def add_run(self, run: BackwardRun) -> None:
+        """A run confirmed elsewhere (DDP's hook, ``ddp.py``)."""
+        self.runs.append(run)
+        del self.runs[:-_MAX_RUNS]
+
+    def usable_runs(self) -> list[BackwardRun]:
+        """The runs whose norms a step may use. Under torch.distributed a graph's norms are of the
+        local gradients, which collectives then overwrite without moving a version counter
+        (DDP's reducer, FSDP, ``dist.all_reduce(p.grad)``): only norms taken after DDP's
+        all-reduce hold there."""
+        if self.runs and torch.distributed.is_available() and torch.distributed.is_initialized():
+            return [r for r in self.runs if r.collective]
+        return self.runs
 
     def pending(self) -> set[int]:
         """The ids of the parameters whose gradients a backward graph of this clip produced, are

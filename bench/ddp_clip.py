@@ -1,0 +1,154 @@
+"""DDP on 2 gloo ranks: the whole training step with the clip, against eager ``clip_grad_norm_``.
+
+A model of ``--layers`` ``Linear(w, w)`` layers under DistributedDataParallel (1 MiB buckets),
+compiled (``aot_eager``), ``SGD(lr=0)``. Three copies train, interleaved in random order (the
+same on both ranks), ``--reps`` repetitions of ``--steps`` steps (zero_grad, forward, backward,
+step):
+
+- ``noclip``: a plain ``torch.compile``-d copy;
+- ``eager``: the same with ``clip_grad_norm_(model.parameters(), max_norm)`` before the step;
+- ``clip``: compiled with ``clip_backend``: the norm of each averaged gradient is taken in DDP's
+  communication hook after its bucket's all-reduce; the step stacks them and scales.
+
+Printed (rank 0): medians per step, the clip's overhead over ``noclip`` as a multiple of eager's
+(95% paired-bootstrap CI), and the norm kernels each clip runs after the backward (profiler:
+``_foreach_norm``/``norm`` calls; eager runs one ``_foreach_norm`` per device and dtype over
+every gradient, the clip none).
+
+    .venv/bin/python bench/ddp_clip.py [--layers 16,64] [--width 256] [--reps 15] [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import timing  # noqa: E402
+
+WORLD = 2
+MAX_NORM = 1e-2
+NORM_OPS = ("aten::_foreach_norm", "aten::norm", "aten::linalg_vector_norm")
+
+
+class Net(nn.Module):
+    """Not nn.Sequential: Dynamo leaves a torch.nn module's forward called by DDP uncompiled."""
+
+    def __init__(self, layers: int, width: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+
+    def forward(self, x):
+        for lin in self.layers:
+            x = torch.tanh(lin(x))
+        return x
+
+
+def build(layers: int, width: int, backend):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    model = DDP(Net(layers, width), bucket_cap_mb=1)
+    run = torch.compile(model, backend=backend)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.randn(16, width, generator=torch.Generator().manual_seed(dist.get_rank()))
+
+    def backward():
+        opt.zero_grad(set_to_none=True)
+        run(x).pow(2).mean().backward()
+
+    def step(clip_eagerly: bool = False):
+        backward()
+        if clip_eagerly:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+        opt.step()
+
+    step()
+    return model, opt, backward, step
+
+
+def norm_calls(fn) -> dict[str, int]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key: e.count for e in prof.key_averages() if e.key in NORM_OPS}
+
+
+def run_rank(rank: int, port: int, args, out: str) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=600))
+    from compileclip import clip_backend
+
+    results = []
+    for layers in args.layers:
+        torch._dynamo.reset()
+        clip = clip_backend(max_norm=MAX_NORM, inner="aot_eager")
+        _, clip_opt, clip_backward, clipped = build(layers, args.width, clip)
+        _, _, _, plain = build(layers, args.width, "aot_eager")
+        eager_model, _, _, eager = build(layers, args.width, "aot_eager")
+        steps = {"noclip": plain, "eager": lambda: eager(True), "clip": clipped}
+        times = timing.interleaved(steps, args.reps, args.steps, torch.device("cpu"), seed=0)
+        ratio = timing.ratio_ci(times["clip"], times["noclip"], times["eager"], times["noclip"])
+        eager_norms = norm_calls(lambda: torch.nn.utils.clip_grad_norm_(eager_model.parameters(), MAX_NORM))
+        clip_backward()  # a fresh backward, then the step alone under the profiler
+        clip_norms = norm_calls(clip_opt.step)
+        stats = dict(clip.stats)
+        assert stats.get("ddp_hook") and not stats.get("norm_at_step"), stats  # the hook's norms were used
+        results.append(dict(layers=layers, gradients=2 * layers,
+                            median_ms={k: 1e3 * float(timing.np.median(v)) for k, v in times.items()},
+                            ratio=ratio, stats=stats, eager_norm_calls=eager_norms, clip_step_norm_calls=clip_norms))
+        clip.remove()
+        dist.barrier()
+    if rank == 0:
+        Path(out).write_text(json.dumps(results, indent=1))
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=[16, 64])
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--out", default=None, help="also write the table and JSON here")
+    args = p.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = "/tmp/ddp_clip.json"
+    mp.spawn(run_rank, args=(port, args, out), nprocs=WORLD)
+    results = json.loads(Path(out).read_text())
+    lines = [f"DDP, {WORLD} gloo ranks, 1 thread each; torch {torch.__version__}, {platform.processor() or platform.machine()}; "
+             f"Linear({args.width},{args.width}) layers, 1 MiB buckets, SGD(lr=0); whole steps (forward, backward, step); "
+             f"{args.reps} reps x {args.steps} steps, medians",
+             "", "| gradients | no clip | eager clip | clip (DDP hook) | clip / eager overhead [95% CI] | "
+             "norm calls after the backward: eager / clip's step |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        m, q = r["median_ms"], r["ratio"]
+        lines.append(f"| {r['gradients']} | {m['noclip']:.2f} ms | {m['eager']:.2f} ms | {m['clip']:.2f} ms | "
+                     f"{q['ratio']:.2f}x [{q['ci'][0]:.2f}, {q['ci'][1]:.2f}] | {r['eager_norm_calls']} / "
+                     f"{r['clip_step_norm_calls'] or 'none'} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "ddp_clip.md").write_text(text + "\n")
+        (Path(args.out) / "ddp_clip.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
