@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 # the distributed part of make bench (bench/fsdp_clip.py)
 FSDP_ARGS ?= --out bench/results
+# the DDP part (bench/ddp_clip.py)
+DDP_ARGS ?= --out bench/results
 
 .PHONY: test bench clean
 
@@ -21,6 +23,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench/bench.py $(ARGS)
 	$(PY) bench/fsdp_clip.py $(FSDP_ARGS)
+	$(PY) bench/ddp_clip.py $(DDP_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info
