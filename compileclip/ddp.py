@@ -4,7 +4,7 @@ Under DistributedDataParallel a backward graph sees the local gradients, before 
 averages them, so its norms are no use to the step. Instead the clip registers a communication
 hook on the DDP module it compiles (``install``): each bucket is averaged as DDP's own reducer
 averages it, and when its all-reduce completes, the norm of every gradient in it is taken from
-the bucket (one ``_foreach_norm`` per bucket, on data the all-reduce just wrote). At the end of
+the bucket (one ``_foreach_norm`` per bucket, on the autograd thread). At the end of
 the backward, after DDP has written the buckets back to ``.grad``, those norms become
 ``records.BackwardRun``\\ s with ``collective=True``: a step uses them where ``.grad`` is still the
 tensor it was then, with the same version counter, and norms the rest itself.
@@ -88,7 +88,8 @@ class _NormHook:
         self.inner = inner
         # DDP checks and logs these
         self.__name__ = self.__qualname__ = f"compileclip_norms({getattr(inner, '__qualname__', 'allreduce')})"
-        self._pending: list = []
+        self._pending: list = []  # (norms, parameter refs) of this backward
+        self._waiting: list = []  # (future, gradient shapes, parameter refs): reduction in flight
         self._task = None
 
     def __call__(self, state, bucket):
@@ -96,18 +97,29 @@ class _NormHook:
         rt = self.runtime()
         if rt is None or not self._begin(rt):
             return fut
-        shapes = [g.shape for g in bucket.gradients()]
-        refs = identity.weak(bucket.parameters())
-        inv = None if rt.scaler is None else clipmath.inverse_scale(rt.scale_on(bucket.buffer().device))
-        norm_type = rt.config.norm_type
+        self._norm_reduced(rt, last=False)  # earlier buckets whose reduction is complete
+        self._waiting.append((fut, [g.shape for g in bucket.gradients()], identity.weak(bucket.parameters())))
+        return fut
 
-        def norms(f):
-            out = f.value() if isinstance(f.value(), torch.Tensor) else f.value()[0]
-            if out.numel() == sum(s.numel() for s in shapes):  # else no record: the step norms
-                self._pending.append((clipmath.grad_norms(_views(out, shapes), norm_type, inv), refs))
-            return out
-
-        return fut.then(norms)
+    def _norm_reduced(self, rt, last: bool) -> None:
+        """The norms of the reduced buckets, taken here, on the autograd thread (not in a
+        callback on the communication thread, where each op waits for the GIL: 15 ms a step
+        with gloo, measured): as the backward goes on for the buckets whose reduction has
+        completed, and at the end for the rest. ``wait()`` on a completed future does not
+        block (for a CUDA future it orders the current stream after the collective)."""
+        waiting, self._waiting = self._waiting, []
+        inv = None
+        for fut, shapes, refs in waiting:
+            if not last and not fut.done():
+                self._waiting.append((fut, shapes, refs))
+                continue
+            out = fut.wait()
+            out = out if isinstance(out, torch.Tensor) else out[0]
+            if out.numel() != sum(s.numel() for s in shapes):  # not the bucket: the step norms
+                continue
+            if rt.scaler is not None and inv is None:
+                inv = clipmath.inverse_scale(rt.scale_on(out.device))
+            self._pending.append((clipmath.grad_norms(_views(out, shapes), rt.config.norm_type, inv), refs))
 
     def _begin(self, rt) -> bool:
         """Whether the norms can be confirmed: False outside a backward (DDP's Join runs the
@@ -118,7 +130,7 @@ class _NormHook:
         if task < 0:
             return False
         self._task = task
-        self._pending = []
+        self._pending, self._waiting = [], []
         rt.new_backward()
         engine = torch.autograd.Variable._execution_engine
         engine.queue_callback(lambda: engine.queue_callback(self._confirm))
@@ -126,8 +138,10 @@ class _NormHook:
 
     def _confirm(self) -> None:
         """After DDP's finalize_backward: the norms with the ``.grad`` tensors they are of."""
-        pending, self._pending, self._task = self._pending, [], None
         rt = self.runtime()
+        if rt is not None:
+            self._norm_reduced(rt, last=True)
+        pending, self._pending, self._waiting, self._task = self._pending, [], [], None
         if rt is None:
             return
         for norms, refs in pending:
