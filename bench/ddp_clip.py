@@ -8,7 +8,9 @@ step):
 - ``noclip``: a plain ``torch.compile``-d copy;
 - ``eager``: the same with ``clip_grad_norm_(model.parameters(), max_norm)`` before the step;
 - ``clip``: compiled with ``clip_backend``: the norm of each averaged gradient is taken in DDP's
-  communication hook after its bucket's all-reduce; the step stacks them and scales.
+  communication hook after its bucket's all-reduce; the step stacks them and scales;
+- ``noclip_pyhook``: ``noclip`` with torch's own Python ``allreduce_hook`` registered: what a
+  Python communication hook costs by itself against DDP's C++ default (the clip's hook is one).
 
 Printed (rank 0): medians per step, the clip's overhead over ``noclip`` as a multiple of eager's
 (95% paired-bootstrap CI), and the norm kernels each clip runs after the backward (profiler:
@@ -55,11 +57,15 @@ class Net(nn.Module):
         return x
 
 
-def build(layers: int, width: int, backend):
+def build(layers: int, width: int, backend, python_hook: bool = False):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.manual_seed(0)
     model = DDP(Net(layers, width), bucket_cap_mb=1)
+    if python_hook:  # torch's own Python allreduce hook: what any Python comm hook costs
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        model.register_comm_hook(None, default_hooks.allreduce_hook)
     run = torch.compile(model, backend=backend)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     x = torch.randn(16, width, generator=torch.Generator().manual_seed(dist.get_rank()))
@@ -99,10 +105,12 @@ def run_rank(rank: int, port: int, args, out: str) -> None:
         clip = clip_backend(max_norm=MAX_NORM, inner="aot_eager")
         _, clip_opt, clip_backward, clipped = build(layers, args.width, clip)
         _, _, _, plain = build(layers, args.width, "aot_eager")
+        _, _, _, pyhook = build(layers, args.width, "aot_eager", python_hook=True)
         eager_model, _, _, eager = build(layers, args.width, "aot_eager")
-        steps = {"noclip": plain, "eager": lambda: eager(True), "clip": clipped}
+        steps = {"noclip": plain, "eager": lambda: eager(True), "clip": clipped, "noclip_pyhook": pyhook}
         times = timing.interleaved(steps, args.reps, args.steps, torch.device("cpu"), seed=0)
         ratio = timing.ratio_ci(times["clip"], times["noclip"], times["eager"], times["noclip"])
+        hook_share = timing.ratio_ci(times["noclip_pyhook"], times["noclip"], times["clip"], times["noclip"])
         eager_norms = norm_calls(lambda: torch.nn.utils.clip_grad_norm_(eager_model.parameters(), MAX_NORM))
         clip_backward()  # a fresh backward, then the step alone under the profiler
         clip_norms = norm_calls(clip_opt.step)
@@ -110,7 +118,7 @@ def run_rank(rank: int, port: int, args, out: str) -> None:
         assert stats.get("ddp_hook") and not stats.get("norm_at_step"), stats  # the hook's norms were used
         results.append(dict(layers=layers, gradients=2 * layers,
                             median_ms={k: 1e3 * float(timing.np.median(v)) for k, v in times.items()},
-                            ratio=ratio, stats=stats, eager_norm_calls=eager_norms, clip_step_norm_calls=clip_norms))
+                            ratio=ratio, hook_share=hook_share, stats=stats, eager_norm_calls=eager_norms, clip_step_norm_calls=clip_norms))
         clip.remove()
         dist.barrier()
     if rank == 0:
@@ -136,11 +144,13 @@ def main() -> None:
              f"Linear({args.width},{args.width}) layers, 1 MiB buckets, SGD(lr=0); whole steps (forward, backward, step); "
              f"{args.reps} reps x {args.steps} steps, medians",
              "", "| gradients | no clip | eager clip | clip (DDP hook) | clip / eager overhead [95% CI] | "
-             "norm calls after the backward: eager / clip's step |", "| --- | --- | --- | --- | --- | --- |"]
+             "no clip, torch's Python allreduce_hook | its share of the clip's overhead [95% CI] | "
+             "norm calls after the backward: eager / clip's step |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         m, q = r["median_ms"], r["ratio"]
         lines.append(f"| {r['gradients']} | {m['noclip']:.2f} ms | {m['eager']:.2f} ms | {m['clip']:.2f} ms | "
-                     f"{q['ratio']:.2f}x [{q['ci'][0]:.2f}, {q['ci'][1]:.2f}] | {r['eager_norm_calls']} / "
+                     f"{q['ratio']:.2f}x [{q['ci'][0]:.2f}, {q['ci'][1]:.2f}] | {m['noclip_pyhook']:.2f} ms | "
+                     f"{r['hook_share']['ratio']:.2f} [{r['hook_share']['ci'][0]:.2f}, {r['hook_share']['ci'][1]:.2f}] | {r['eager_norm_calls']} / "
                      f"{r['clip_step_norm_calls'] or 'none'} |")
     text = "\n".join(lines)
     print(text)
