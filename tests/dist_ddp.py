@@ -39,6 +39,9 @@ CASES = {
     "ddp_hook_foreign": dict(hook="foreign", used="step"),
     "ddp_hook_edited": dict(hook="clip", used="step", edit=True),  # .grad written after backward
     "ddp_hook_step": dict(hook="clip", used="hook", compile_step=True, tol="close"),
+    "ddp_hook_static_graph": dict(hook="clip", used="hook", ddp=dict(static_graph=True)),
+    # a GradScaler attached to the clip: the hook's norms are of the unscaled gradients
+    "ddp_hook_grad_scaler": dict(hook="clip", used="hook", amp=True),
 }
 
 
@@ -74,16 +77,21 @@ def make_ddp(base, case, clip=None):
     return model
 
 
-def train_micro(model, run, case, rank, step) -> None:
+def train_micro(model, run, case, rank, step, scaler=None) -> None:
     n = case.get("accumulate", 1)
     for micro in range(n):
         last = micro == n - 1
         ctx = model.no_sync() if not last and case.get("no_sync", True) else _null()
         with ctx:
-            (run(batch(rank, step, micro)) - 1).pow(2).mean().backward()
+            loss = (run(batch(rank, step, micro)) - 1).pow(2).mean()
+            (loss if scaler is None else scaler.scale(loss)).backward()
     if case.get("edit"):
         for p in model.parameters():
             p.grad.mul_(0.5)
+
+
+def _scaler(case):
+    return torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) if case.get("amp") else None
 
 
 class _null:
@@ -98,11 +106,18 @@ def reference(base, case, rank, max_norm):
     model = make_ddp(base, case)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     snaps = []
+    scaler = _scaler(case)
     for step in range(STEPS):
         opt.zero_grad(set_to_none=True)
-        train_micro(model, model, case, rank, step)
+        train_micro(model, model, case, rank, step, scaler)
+        if scaler is not None:
+            scaler.unscale_(opt)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, case.get("norm_type", 2.0))
-        opt.step()
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)
+            scaler.update()
         assert (float(norm) > max_norm) == (max_norm == ACTIVE), (float(norm), max_norm)
         snaps.append(dict(norm=norm.clone(), params=[p.detach().clone() for p in model.parameters()],
                           grads=[None if p.grad is None else p.grad.clone() for p in model.parameters()]))
@@ -112,17 +127,22 @@ def reference(base, case, rank, max_norm):
 def compiled(base, case, rank, max_norm, snaps) -> list[str]:
     from compileclip import clip_backend
 
-    clip = clip_backend(max_norm=max_norm, norm_type=case.get("norm_type", 2.0), inner="aot_eager")
+    scaler = _scaler(case)
+    clip = clip_backend(max_norm=max_norm, norm_type=case.get("norm_type", 2.0), inner="aot_eager", scaler=scaler)
     model = make_ddp(base, case, clip)
     run = torch.compile(model, backend=clip)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     step = clip.compile_step(opt) if case.get("compile_step") else opt.step
+    if scaler is not None:
+        def step():
+            scaler.step(opt)
+            scaler.update()
     same = (lambda a, b: torch.equal(a, b)) if case.get("tol") != "close" else (
         lambda a, b: torch.allclose(a, b, rtol=1.3e-6, atol=1e-5 * max(1.0, float(b.abs().max()))))
     bad = []
     for i, snap in enumerate(snaps):
         opt.zero_grad(set_to_none=True)
-        train_micro(model, run, case, rank, i)
+        train_micro(model, run, case, rank, i, scaler)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             step()
         norm_ops = [e.key for e in prof.key_averages() if e.key in ("aten::_foreach_norm", "aten::norm")]
