@@ -74,6 +74,9 @@ def _backend_of(obj, clips: dict, depth: int = 8):
     for _ in range(depth):
         if id(obj) in clips:
             return clips[id(obj)]
+        named = _named_clip(obj)  # backend="compileclip": the clip lives in the options
+        if named is not None:
+            return clips.get(id(named))
         nxt = next((getattr(obj, a) for a in _LINKS if getattr(obj, a, None) is not None), None)
         if nxt is None and callable(obj) and getattr(obj, "__closure__", None):
             # Module.compile's function closes over the Dynamo context
@@ -82,6 +85,17 @@ def _backend_of(obj, clips: dict, depth: int = 8):
             return None
         obj = nxt
     return None
+
+
+def _named_clip(obj):
+    """The clip of a ``torch.compile(..., backend="compileclip", options=...)`` wrapper, if
+    ``obj`` is one and its clip exists (``registry.clip_for``)."""
+    from .registry import compileclip_backend
+
+    if getattr(obj, "compiler_fn", None) is not compileclip_backend:
+        return None
+    options = getattr(obj, "kwargs", {}).get("options")
+    return options.get("clip") if isinstance(options, dict) else None
 
 
 def find_optimizers(rt) -> None:

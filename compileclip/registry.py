@@ -7,7 +7,9 @@ the inner compile. Torch passes the same ``options`` dict to every graph of one
 ``torch.compile`` call, so the clip lives in it, under ``"clip"``, made at the first graph (or
 by ``clip_of``): one ``torch.compile`` call, one clip. ``compileclip.clip_of(compiled_model)``
 is the handle (``total_norm``, ``compile_step``, ``state_dict``), for a named backend as for
-``backend=clip``.
+``backend=clip``. Call it once before training: a module Dynamo compiles no graph for (one of
+torch.nn's own, compiled directly) never calls the backend, so only a clip made by ``clip_of``
+exists to find it and clip its optimizer eagerly (``discover.py``).
 """
 
 from __future__ import annotations

@@ -79,6 +79,37 @@ def test_backend_by_name_with_a_handle():
     assert torch.equal(clip.history, torch.stack(ref[2]))
 
 
+def test_backend_by_name_when_dynamo_compiles_no_graph():
+    """``nn.Linear.compile(...)``: Dynamo skips torch.nn's own frames, so the backend never
+    runs; the clip that ``clip_of`` made finds its module through the wrapper and clips the
+    step eagerly, as for ``backend=clip``."""
+    torch.manual_seed(0)
+    lin, ref = nn.Linear(8, 8), nn.Linear(8, 8)
+    ref.load_state_dict(lin.state_dict())
+    options = {"max_norm": ACTIVE, "inner": "aot_eager"}
+    lin.compile(backend="compileclip", options=options)
+    clip = compileclip.clip_of(lin)
+    x = torch.randn(4, 8)
+    for model in (lin, ref):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        model(x).pow(2).sum().backward()
+        if model is ref:
+            norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), ACTIVE)
+        with pytest.warns(UserWarning, match="compiled no graph") if model is lin else _nothing():
+            opt.step()
+    assert torch.equal(clip.total_norm, norm) and float(norm) > ACTIVE
+    for p, q in zip(lin.parameters(), ref.parameters()):
+        assert torch.equal(p, q) and torch.equal(p.grad, q.grad)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
 def test_backend_by_name_needs_max_norm():
     from compileclip.registry import clip_for
 
