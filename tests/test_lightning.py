@@ -48,7 +48,7 @@ class Module(L.LightningModule):
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
-        self.run = torch.compile(self.net, backend=backend)
+        self.run = self.net if backend is None else torch.compile(self.net, backend=backend)
         self.automatic_optimization = not manual
         self.clip_val = clip_val  # manual optimization's own clip (the reference)
         self.pre_clip: list[torch.Tensor] = []  # the reference's norms
@@ -117,6 +117,31 @@ def test_lightning_matches_its_own_clip(manual, max_norm):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=f"parameter {n}")
     assert [float(v) for v in logged] == [float(v) for v in ref.pre_clip]
     assert all((float(n) > max_norm) == (max_norm == ACTIVE) for n in ref.pre_clip)
+
+
+def test_compiled_lightning_module():
+    """``torch.compile(module, backend=clip)`` handed to ``trainer.fit`` (Lightning compiles
+    ``training_step`` and ``forward`` with the same backend), against the same module compiled
+    with ``aot_eager`` and ``gradient_clip_val``; automatic optimization, accumulation 2."""
+    results = []
+    for clip in (None, clip_backend(max_norm=ACTIVE, inner="aot_eager")):
+        module = Module(None)
+        logger = Capture()
+        trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=logger,
+                            callbacks=[ClipCallback(clip)] if clip is not None else [], log_every_n_steps=1,
+                            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                            accumulate_grad_batches=2, gradient_clip_val=None if clip is not None else ACTIVE)
+        trainer.fit(torch.compile(module, backend=clip if clip is not None else "aot_eager"), data())
+        results.append((module, [r["grad_norm"] for r in logger.rows if "grad_norm" in r]))
+    (ref, _), (ours, logged) = results
+    assert len(ours.consumed) == len(ref.consumed) == BATCHES // 2
+    for k, (g, r) in enumerate(zip(ours.consumed, ref.consumed)):
+        for n in r:
+            torch.testing.assert_close(g[n], r[n], rtol=0, atol=0, msg=f"step {k}: consumed .grad of {n}")
+    for (n, p), q in zip(ours.net.named_parameters(), ref.net.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=f"parameter {n}")
+    assert [float(v) for v in logged] == [float(v) for v in ref.pre_clip]
+    assert all(float(n) > ACTIVE for n in ref.pre_clip)
 
 
 def test_gradient_clip_val_twice_is_refused_or_turned_off():
