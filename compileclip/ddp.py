@@ -51,6 +51,8 @@ def install(rt, ddp) -> bool:
     Returns whether ``ddp``'s reduced gradients get their norms from a hook of ``rt``."""
     hook = _installed.get(ddp)
     if hook is not None:
+        if hook.runtime() is None:  # its clip is gone (a sweep's earlier run): this one takes it
+            hook.runtime = weakref.ref(rt)
         return hook.runtime() is rt
     if ddp._comm_hooks:  # a user's hook: composed if it came through clip.comm_hook
         return any(isinstance(h, _NormHook) and h.runtime() is rt for h, _ in ddp._comm_hooks)
