@@ -42,6 +42,8 @@ CASES = {
     "ddp_hook_static_graph": dict(hook="clip", used="hook", ddp=dict(static_graph=True)),
     # a GradScaler attached to the clip: the hook's norms are of the unscaled gradients
     "ddp_hook_grad_scaler": dict(hook="clip", used="hook", amp=True),
+    # a sweep: an earlier clip compiled the same DDP module, ran a step and is gone
+    "ddp_hook_sweep": dict(hook="clip", used="hook", sweep=True),
 }
 
 
@@ -90,6 +92,24 @@ def train_micro(model, run, case, rank, step, scaler=None) -> None:
             p.grad.mul_(0.5)
 
 
+def _earlier_run(model, rank) -> None:
+    """A step of another clip over ``model`` that changes nothing (lr=0), then that clip is gone."""
+    import gc
+
+    from compileclip import clip_backend
+
+    earlier = clip_backend(max_norm=1.0, inner="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    (torch.compile(model, backend=earlier)(batch(rank, 99, 0)) - 1).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    assert earlier.stats.get("ddp_hook") == 1, earlier.stats
+    earlier.remove()
+    del earlier, opt
+    gc.collect()
+    torch._dynamo.reset()
+
+
 def _scaler(case):
     return torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) if case.get("amp") else None
 
@@ -130,6 +150,8 @@ def compiled(base, case, rank, max_norm, snaps) -> list[str]:
     scaler = _scaler(case)
     clip = clip_backend(max_norm=max_norm, norm_type=case.get("norm_type", 2.0), inner="aot_eager", scaler=scaler)
     model = make_ddp(base, case, clip)
+    if case.get("sweep"):
+        _earlier_run(model, rank)
     run = torch.compile(model, backend=clip)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     step = clip.compile_step(opt) if case.get("compile_step") else opt.step
