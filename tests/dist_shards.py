@@ -134,7 +134,7 @@ def _under_aten(event) -> bool:
 def main_ops(rank: int, port: int, name: str) -> None:
     """What the clip adds to an FSDP2 step is a constant number of ops on plain tensors (the
     local shards), none on DTensors: ``opt.step()`` (SGD, foreach) of a model compiled with the
-    clip against the same step of a model compiled without it, 4, 32 and 128 blocks (8 to 256
+    clip against the same step of a model compiled without it, 4, 32, 128 and 512 blocks (10 to 1026
     sharded gradients), counted by a dispatch mode (the ops called at the top level, by name
     and by whether a DTensor is among their arguments) and by the profiler (which also sees
     the ops that return their input, such as ``.to`` a tensor's own device)."""
@@ -165,7 +165,7 @@ def main_ops(rank: int, port: int, name: str) -> None:
 
         mesh = init_device_mesh("cpu", (WORLD,))
         added = {}
-        for depth in (4, 32, 128):
+        for depth in (4, 32, 128, 512):
             counts = []
             for backend in ("aot_eager", clip_backend(max_norm=ACTIVE, inner="aot_eager")):
                 torch._dynamo.reset()
