@@ -22,24 +22,18 @@ every gradient, the clip none).
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
-import os
-import platform
-import socket
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ranks  # noqa: E402
 import timing  # noqa: E402
 
-WORLD = 2
 MAX_NORM = 1e-2
 NORM_OPS = ("aten::_foreach_norm", "aten::norm", "aten::linalg_vector_norm")
 
@@ -93,10 +87,7 @@ def norm_calls(fn) -> dict[str, int]:
 
 
 def run_rank(rank: int, port: int, args, out: str) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=600))
+    ranks.init(rank, port)
     from compileclip import clip_backend
 
     results = []
@@ -127,20 +118,9 @@ def run_rank(rank: int, port: int, args, out: str) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=[16, 64])
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--reps", type=int, default=15)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--out", default=None, help="also write the table and JSON here")
-    args = p.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = "/tmp/ddp_clip.json"
-    mp.spawn(run_rank, args=(port, args, out), nprocs=WORLD)
-    results = json.loads(Path(out).read_text())
-    lines = [f"DDP, {WORLD} gloo ranks, 1 thread each; torch {torch.__version__}, {platform.processor() or platform.machine()}; "
+    args = ranks.arguments(__doc__, layers=[16, 64], width=256, steps=3)
+    results = ranks.spawn(run_rank, args, "ddp_clip")
+    lines = [f"DDP, {ranks.machine()}; "
              f"Linear({args.width},{args.width}) layers, 1 MiB buckets, SGD(lr=0); whole steps (forward, backward, step); "
              f"{args.reps} reps x {args.steps} steps, medians",
              "", "| gradients | no clip | eager clip | clip (DDP hook) | clip / eager overhead [95% CI] | "
@@ -152,12 +132,7 @@ def main() -> None:
                      f"{q['ratio']:.2f}x [{q['ci'][0]:.2f}, {q['ci'][1]:.2f}] | {m['noclip_pyhook']:.2f} ms | "
                      f"{r['hook_share']['ratio']:.2f} [{r['hook_share']['ci'][0]:.2f}, {r['hook_share']['ci'][1]:.2f}] | {r['eager_norm_calls']} / "
                      f"{r['clip_step_norm_calls'] or 'none'} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "ddp_clip.md").write_text(text + "\n")
-        (Path(args.out) / "ddp_clip.json").write_text(json.dumps(results, indent=1))
+    ranks.write("\n".join(lines), results, args.out, "ddp_clip")
 
 
 if __name__ == "__main__":

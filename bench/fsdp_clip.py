@@ -22,24 +22,18 @@ copy of a gradient would show as the gradients' size).
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
-import os
-import platform
-import socket
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ranks  # noqa: E402
 import timing  # noqa: E402
 
-WORLD = 2
 MAX_NORM = 1e-2
 
 
@@ -98,15 +92,12 @@ def _parents(e):
 
 
 def run_rank(rank: int, port: int, args, out: str) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=600))
+    ranks.init(rank, port)
     from torch.distributed.device_mesh import init_device_mesh
 
     from compileclip import clip_backend
 
-    mesh = init_device_mesh("cpu", (WORLD,))
+    mesh = init_device_mesh("cpu", (ranks.WORLD,))
     results = []
     for layers in args.layers:
         torch._dynamo.reset()
@@ -144,20 +135,9 @@ def run_rank(rank: int, port: int, args, out: str) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=[64, 128])
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--reps", type=int, default=15)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--out", default=None, help="also write the table and JSON here")
-    args = p.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = "/tmp/fsdp_clip.json"
-    mp.spawn(run_rank, args=(port, args, out), nprocs=WORLD)
-    results = json.loads(Path(out).read_text())
-    lines = [f"FSDP2, {WORLD} gloo ranks, 1 thread each; torch {torch.__version__}, {platform.processor() or platform.machine()}; "
+    args = ranks.arguments(__doc__, layers=[64, 128], width=64, steps=5)
+    results = ranks.spawn(run_rank, args, "fsdp_clip")
+    lines = [f"FSDP2, {ranks.machine()}; "
              f"Linear({args.width},{args.width}) blocks, SGD(lr=0); {args.reps} reps x {args.steps} steps, medians",
              "", "| gradients | step, no clip | eager clip + step | clip at the step | clip / eager overhead [95% CI] | "
              "aten ops: eager clip / clip | bytes allocated: eager clip / clip | local gradients |",
@@ -168,12 +148,7 @@ def main() -> None:
                      f"{q['ratio']:.2f}x [{q['ci'][0]:.2f}, {q['ci'][1]:.2f}] | {r['eager_clip_ops']} / "
                      f"{r['clip_step_ops_minus_step']} | {r['eager_clip_alloc_bytes']} / {r['clip_step_alloc_minus_step']} | "
                      f"{r['local_grad_bytes']} B |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "fsdp_clip.md").write_text(text + "\n")
-        (Path(args.out) / "fsdp_clip.json").write_text(json.dumps(results, indent=1))
+    ranks.write("\n".join(lines), results, args.out, "fsdp_clip")
 
 
 if __name__ == "__main__":
