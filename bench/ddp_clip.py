@@ -22,7 +22,6 @@ every gradient, the clip none).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -108,13 +107,11 @@ def run_rank(rank: int, port: int, args, out: str) -> None:
         stats = dict(clip.stats)
         assert stats.get("ddp_hook") and not stats.get("norm_at_step"), stats  # the hook's norms were used
         results.append(dict(layers=layers, gradients=2 * layers,
-                            median_ms={k: 1e3 * float(timing.np.median(v)) for k, v in times.items()},
+                            median_ms=ranks.medians_ms(times),
                             ratio=ratio, hook_share=hook_share, stats=stats, eager_norm_calls=eager_norms, clip_step_norm_calls=clip_norms))
         clip.remove()
         dist.barrier()
-    if rank == 0:
-        Path(out).write_text(json.dumps(results, indent=1))
-    dist.destroy_process_group()
+    ranks.finish(rank, results, out)
 
 
 def main() -> None:

@@ -22,7 +22,6 @@ copy of a gradient would show as the gradients' size).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -123,15 +122,13 @@ def run_rank(rank: int, port: int, args, out: str) -> None:
         assert clip.stats.get("norm_local_shards"), dict(clip.stats)  # the clip ran, on the local shards
         results.append(dict(
             layers=layers, gradients=len(params), local_grad_bytes=grad_bytes,
-            median_ms={k: 1e3 * float(timing.np.median(v)) for k, v in times.items()},
+            median_ms=ranks.medians_ms(times),
             ratio=ratio, stats=dict(clip.stats),
             eager_clip_ops=eager_ops[0], eager_clip_alloc_bytes=eager_ops[1],
             clip_step_ops_minus_step=clip_ops[0] - step_ops[0], clip_step_alloc_minus_step=clip_ops[1] - step_ops[1]))
         clip.remove()
         dist.barrier()
-    if rank == 0:
-        Path(out).write_text(json.dumps(results, indent=1))
-    dist.destroy_process_group()
+    ranks.finish(rank, results, out)
 
 
 def main() -> None:

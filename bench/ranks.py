@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import socket
+import statistics
 from pathlib import Path
 
 import torch
@@ -44,6 +45,17 @@ def spawn(run_rank, args, name: str) -> list[dict]:
     out = f"/tmp/{name}.json"
     mp.spawn(run_rank, args=(port, args, out), nprocs=WORLD)
     return json.loads(Path(out).read_text())
+
+
+def medians_ms(times: dict[str, list[float]]) -> dict[str, float]:
+    return {k: 1e3 * float(statistics.median(v)) for k, v in times.items()}
+
+
+def finish(rank: int, results: list[dict], out: str) -> None:
+    """Rank 0 hands its results to ``spawn``; both leave the group."""
+    if rank == 0:
+        Path(out).write_text(json.dumps(results, indent=1))
+    dist.destroy_process_group()
 
 
 def machine() -> str:
