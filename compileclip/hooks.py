@@ -24,7 +24,7 @@ import torch
 from torch.optim import optimizer as _optim
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from . import discover
+from . import discover, scope
 
 _clips: weakref.WeakSet = weakref.WeakSet()  # ClipBackend objects
 _handles: list = []
@@ -66,7 +66,7 @@ def owner_of(opt):
     """The runtime that clips ``opt``'s steps, or None. Raises where the clip cannot know what
     eager code would do (two clips, or an unknown optimizer after a backward of a clip)."""
     clips = list(_clips)
-    versions = _versions(clips)
+    versions = (_versions(clips), scope.layout(opt))  # an unknown optimizer may add scope leaves
     cached = _owners.get(opt)
     if cached is not None and cached[0] == versions:
         owner = cached[1]() if cached[1] is not None else None
@@ -77,7 +77,7 @@ def owner_of(opt):
     claiming = [c for c in clips if c._runtime.scope.claims(opt)]
     if not claiming and discover.find_modules(clips, opt):
         claiming = [c for c in clips if c._runtime.scope.claims(opt)]
-        versions = _versions(clips)
+        versions = (_versions(clips), scope.layout(opt))
     if len(claiming) > 1:
         raise RuntimeError(
             f"compileclip: {len(claiming)} clip backends cover the parameters of this "

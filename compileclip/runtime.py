@@ -213,6 +213,7 @@ class ClipRuntime:
             self.nested += 1
             return None
         self._run_state_drops()
+        self.scope.check_layouts()
         self.scope.know(opt)
         group = self.scope.group(opt)
         if discover.complete_group(self, group):  # the group's other optimizers, found once

@@ -84,12 +84,20 @@ def _opt_params(opt) -> list[torch.Tensor]:
     return list(itertools.chain.from_iterable(g["params"] for g in opt.param_groups))
 
 
+def layout(opt) -> tuple:
+    """What changes when an optimizer's parameters do (``add_param_group``, a list edited in
+    place or replaced): each param group's list and its length. A parameter swapped for another
+    at the same position of the same list goes unnoticed."""
+    return tuple((id(g["params"]), len(g["params"])) for g in opt.param_groups)
+
+
 class Scope:
     def __init__(self) -> None:
         self.units: list[Unit] = []
         self.optimizers: list[weakref.ref] = []  # known optimizers, in the order they became known
         self.explicit: dict[int, tuple[weakref.ref, tuple[weakref.ref, ...]]] = {}
         self.version = 0  # bumped by every change: cached groups and owners are decided again
+        self._layouts: dict[int, tuple] = {}  # id(known optimizer) -> its layout when last seen
         self._groups: dict[int, tuple[int, weakref.ref, tuple, tuple, tuple]] = {}
 
     # -- learning -------------------------------------------------------------------------------
@@ -114,7 +122,19 @@ class Scope:
     def know(self, opt: torch.optim.Optimizer) -> None:
         if not any(r() is opt for r in self.optimizers):
             self.optimizers.append(weakref.ref(opt))
+            self._layouts[id(opt)] = layout(opt)
             self.version += 1
+
+    def check_layouts(self) -> None:
+        """A known optimizer's parameters changed since (``opt.add_param_group``: progressive
+        unfreezing, a head added later): the groups are decided again. Once per step."""
+        for r in self.optimizers:
+            o = r()
+            if o is not None:
+                now = layout(o)
+                if self._layouts.get(id(o)) != now:
+                    self._layouts[id(o)] = now
+                    self.version += 1
 
     def attach(self, opt: torch.optim.Optimizer, parameters: Iterable[torch.Tensor] | None) -> None:
         self.know(opt)
@@ -125,6 +145,7 @@ class Scope:
     def detach(self, opt: torch.optim.Optimizer) -> None:
         self.optimizers = [r for r in self.optimizers if r() is not None and r() is not opt]
         self.explicit.pop(id(opt), None)
+        self._layouts.pop(id(opt), None)
         self.version += 1
 
     # -- asking ---------------------------------------------------------------------------------
@@ -176,8 +197,10 @@ class Scope:
         order = {id(o): k for k, o in enumerate(known)}
         opts.sort(key=lambda o: order.get(id(o), len(known)))
         params, seen = [], set()
+        # an optimizer's parameter frozen now may be unfrozen later without a recompile: a step
+        # takes those with a .grad, as eager's clip_grad_norm_
         for p in itertools.chain(*(u.params() for u in units), *(_opt_params(o) for o in opts)):
-            if id(p) not in seen and p.requires_grad:
+            if id(p) not in seen:
                 seen.add(id(p))
                 params.append(p)
         return Group(tuple(params), tuple(opts), opts[0], False, tuple(units))
