@@ -25,24 +25,36 @@ if TYPE_CHECKING:
     from .runtime import ClipRuntime, OpenStep
 
 
-def is_dtensor(t) -> bool:
+def _dtensor_class():
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # a build without distributed
-        return False
-    return isinstance(t, DTensor)
+        return ()
+    return DTensor
+
+
+_DTENSOR: list = []  # the class, looked up once (an import statement costs a microsecond a call)
+
+
+def is_dtensor(t) -> bool:
+    if not _DTENSOR:
+        _DTENSOR.append(_dtensor_class())
+    return isinstance(t, _DTENSOR[0])
 
 
 _SCALER_FRAMES = 12  # facts <- begin_step <- hooks (3) <- Optimizer.step's wrappers (1-3) <- GradScaler
+SCALER_FRAMES_ABOVE = _SCALER_FRAMES - 4  # the same, from above CompiledStep.__call__ <- begin <- ...
 
 
-def _called_from_grad_scaler() -> bool:
+def called_from_grad_scaler(frame=None, frames: int = _SCALER_FRAMES) -> bool:
     """Whether this step was called by ``GradScaler.step``, which unscaled the gradients in
     place without moving their version counters. A bounded look at the callers' code objects
-    (no frame locals): torch gives no other sign of it."""
-    codes = _scaler_codes()
-    f = sys._getframe(1)
-    for _ in range(_SCALER_FRAMES):
+    (no frame locals): torch gives no other sign of it. ``frame``: where to start (default:
+    the caller); a caller that starts higher (``CompiledStep``) looks at fewer frames of its
+    own, which are new at every step and cost an allocation each to look at."""
+    codes = _CODES[0] if _CODES else _scaler_codes()
+    f = sys._getframe(1) if frame is None else frame
+    for _ in range(frames):
         if f is None:
             return False
         if f.f_code in codes:
@@ -62,12 +74,14 @@ def _scaler_codes() -> frozenset:
     return _CODES[0]
 
 
-def trusted(rt: ClipRuntime) -> bool:
+def trusted(rt: ClipRuntime, scaler_called: bool | None = None) -> bool:
     """``GradScaler.unscale_``'s kernel did not write the gradients behind the records' back (it
     moves no version counter, measured on torch 2.13; nor do c10d collectives, which
     ``ClipRuntime.usable_runs`` answers for). With a scaler attached, the backward's norms are
-    of the unscaled gradients already."""
-    return rt.scaler is not None or not _called_from_grad_scaler()
+    of the unscaled gradients already. ``scaler_called``: known by the caller (None: look)."""
+    if rt.scaler is not None:
+        return True
+    return not (called_from_grad_scaler() if scaler_called is None else scaler_called)
 
 
 def fused_kernel(opt) -> bool:
@@ -75,15 +89,6 @@ def fused_kernel(opt) -> bool:
     back: torch's optimizers with ``fused=True`` (GradScaler reads the same flag)."""
     return (getattr(opt, "_step_supports_amp_scaling", False) and type(opt).__module__.startswith("torch.optim")
             and all(g.get("fused") for g in opt.param_groups))
-
-
-def covered(rt: ClipRuntime, params: list) -> bool:
-    """Every one of ``params``' gradients has an intact backward record."""
-    runs = rt.usable_runs()
-    if not runs or not params:
-        return False
-    ok = {id(r()) for run in runs for r, good in zip(run.params, run.intact()) if good}
-    return all(id(p) in ok for p in params)
 
 
 def carry_out(rt: ClipRuntime, step: OpenStep, opt, args: tuple, kwargs: dict):
@@ -108,6 +113,7 @@ def _wrap_closure(rt, step, opt, args, kwargs):
 
     @torch._dynamo.disable  # a compiled step traces its closure: the clip stays eager
     def clip_now():
+        step.params = step.sources = None  # the closure's backward made new gradients
         clip_group(rt, step, opt)
 
     def clipped_closure():
@@ -157,8 +163,9 @@ def _unscale(rt: ClipRuntime, step: OpenStep, opt, params) -> bool:
 
 def group_norms(rt: ClipRuntime, params: list, use_backward: bool, step: OpenStep | None = None) -> torch.Tensor:
     """The norm of each of ``params``' gradients, in their order (see ``records``)."""
-    runs = rt.usable_runs()
-    parts, from_backward = records.ordered_norms(runs, params, rt.config.norm_type, trusted=use_backward)
+    found = step.sources if step is not None and step.params is params else None
+    runs = found.runs if found is not None else rt.usable_runs()
+    parts, from_backward = records.ordered_norms(runs, params, rt.config.norm_type, trusted=use_backward, found=found)
     rt.stats["norm_from_backward" if from_backward == len(params) else "norm_at_step"] += 1
     if step is not None:
         step.backward_norms = from_backward == len(params)
@@ -181,16 +188,17 @@ def _warn_if_changed_in_place(rt: ClipRuntime, runs: list, params: list) -> None
             "another clip, turn it off (max_grad_norm=0, gradient_clip_val=None, or remove the call)")
 
 
-def total_of(parts: torch.Tensor, grads: list, norm_type: float) -> torch.Tensor:
-    """The total norm, the parts stacked in eager ``get_total_norm``'s order."""
-    order = clipmath.eager_order(grads)
+def total_of(parts: torch.Tensor, grads: list, norm_type: float, uniform: bool = False) -> torch.Tensor:
+    """The total norm, the parts stacked in eager ``get_total_norm``'s order (``uniform``: the
+    gradients are known to share one device and dtype)."""
+    order = None if uniform else clipmath.eager_order(grads)
     return clipmath.total(parts if order is None else parts[torch.tensor(order, device=parts.device)], norm_type)
 
 
 def clip_group(rt: ClipRuntime, step: OpenStep, opt) -> None:
     """The eager clip of ``step``'s group: ``clip_grad_norm_`` then ``clip_grad_value_``."""
     cfg = rt.config
-    params = [p for p in step.group.params if p.grad is not None]
+    params = step.params if step.params is not None else identity.with_grad(step.group.params)
     if not params:
         return
     skip = _unscale(rt, step, opt, params)
@@ -239,7 +247,7 @@ def clip_group(rt: ClipRuntime, step: OpenStep, opt) -> None:
         step.skipped = True
         _hide(step, params)
     step.clipped = True
-    rt.consume_runs({id(p) for p in params})
+    rt.consume_runs(step.group.members or {id(p) for p in params})
 
 
 _ABSENT = object()
@@ -320,11 +328,12 @@ def hand_norm(rt: ClipRuntime, step: OpenStep, opt) -> None:
     """IN_GRAPH over part of a group: the group's norm now, handed to the step graph; the
     group's gradients that the graph does not see are clipped here."""
     cfg = rt.config
-    params = [p for p in step.group.params if p.grad is not None]
-    grads = [p.grad for p in params]
+    params = step.params
+    grads = identity.grads(params)
     mon = rt.monitor(step.group)
-    parts = group_norms(rt, params, step.plan.use_backward)
-    total = step.handed = total_of(parts, grads, cfg.norm_type)
+    parts = group_norms(rt, params, step.plan.use_backward, step)
+    total = step.handed = total_of(parts, grads, cfg.norm_type, 
+                                     uniform=step.backward_norms and step.sources is not None and step.sources.uniform)
     if mon.per_param:
         mon.record_param_norms(parts, [weakref.ref(p) for p in params])
     own = identity.ids(identity.step_params(opt))
@@ -337,7 +346,7 @@ def hand_norm(rt: ClipRuntime, step: OpenStep, opt) -> None:
             clipmath.scale_([p.grad for p in others], clipmath.coefficient(total, _eager_max_norm(cfg, thr)))
         if cfg.clip_value is not None:
             clipmath.clamp_values_([p.grad for p in others], cfg.clip_value)
-    rt.consume_runs({id(p) for p in params})
+    rt.consume_runs(step.group.members or {id(p) for p in params})
 
 
 def _clip_dtensors(rt: ClipRuntime, params: list, mon) -> None:

@@ -40,6 +40,7 @@ def steps() -> int:
 def register(clip) -> None:
     """Make ``clip`` (a ClipBackend) hear every optimizer step until ``remove(clip)``."""
     _clips.add(clip)
+    scope.bump()
     if not _handles:
         _handles.append(register_optimizer_step_pre_hook(_pre_hook))
         _handles.append(register_optimizer_step_post_hook(_post_hook))
@@ -49,6 +50,7 @@ def remove(clip) -> None:
     """``clip`` hears no more steps; torch's hooks go when no clip is left."""
     _clips.discard(clip)
     _owners.clear()
+    scope.bump()
     if not _clips:
         while _handles:
             _handles.pop().remove()
@@ -58,26 +60,24 @@ def registered(clip) -> bool:
     return clip in _clips
 
 
-def _versions(clips) -> tuple:
-    return tuple((id(c), c._runtime.scope.version, c._runtime.failed) for c in clips)
-
-
 def owner_of(opt):
     """The runtime that clips ``opt``'s steps, or None. Raises where the clip cannot know what
     eager code would do (two clips, or an unknown optimizer after a backward of a clip)."""
-    clips = list(_clips)
-    versions = (_versions(clips), scope.layout(opt))  # an unknown optimizer may add scope leaves
+    # the clips, their scopes and failures (scope.epoch), and an unknown optimizer that may
+    # have added the leaves of a scope since
+    versions = (scope.epoch(), scope.layout(opt))
     cached = _owners.get(opt)
     if cached is not None and cached[0] == versions:
         owner = cached[1]() if cached[1] is not None else None
         if cached[1] is None or owner is not None:
             if owner is None:
-                _pending_error(clips, opt)
+                _pending_error(list(_clips), opt)
             return owner
+    clips = list(_clips)
     claiming = [c for c in clips if c._runtime.scope.claims(opt)]
     if not claiming and discover.find_modules(clips, opt):
         claiming = [c for c in clips if c._runtime.scope.claims(opt)]
-        versions = (_versions(clips), scope.layout(opt))
+        versions = (scope.epoch(), scope.layout(opt))
     if len(claiming) > 1:
         raise RuntimeError(
             f"compileclip: {len(claiming)} clip backends cover the parameters of this "
@@ -114,17 +114,17 @@ def _pending_error(clips, opt) -> None:
             "clip.attach(optimizer, parameters=[]) leaves its steps unclipped.")
 
 
-def begin(opt, args, kwargs, compiled_frame: bool, again: bool = False):
+def begin(opt, args, kwargs, compiled_frame: bool, again: bool = False, scaler_called: bool | None = None):
     """The clips' side of a step's pre-hook (also called by ``CompiledStep``, which runs the
-    hooks itself; ``again``: the same step, planned anew after an abort). Returns new (args,
-    kwargs) when the step's closure is wrapped."""
+    hooks itself; ``again``: the same step, planned anew after an abort; ``scaler_called``: see
+    ``eager.trusted``). Returns new (args, kwargs) when the step's closure is wrapped."""
     if not _clips:
         return None
     _steps[0] += not again
     rt = owner_of(opt)
     if rt is None:
         return None
-    return rt.begin_step(opt, args, kwargs, compiled_frame)
+    return rt.begin_step(opt, args, kwargs, compiled_frame, scaler_called)
 
 
 def end(opt) -> None:

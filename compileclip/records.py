@@ -36,6 +36,17 @@ class BackwardRun:
     versions: tuple[int, ...]
     steps: int = 0  # optimizer steps begun in the process before this run (hooks.steps)
     collective: bool = False  # taken after the all-reduce (DDP's hook, ``ddp.py``), not by a graph
+    ids: tuple[int, ...] = ()  # id of each parameter (filled in: the parameters live now)
+
+    def __post_init__(self) -> None:
+        if not self.ids:
+            object.__setattr__(self, "ids", tuple(map(id, identity.deref(self.params))))
+
+    def all_intact(self) -> bool:
+        """``all(self.intact())``, with no list per gradient."""
+        params = identity.deref(self.params)
+        return (not identity.has_none(params) and all(map(operator.is_, identity.grads(params), self.grads))
+                and identity.versions(self.grads) == list(self.versions))
 
     def intact(self) -> list[bool]:
         """Per gradient: still its parameter's ``.grad``, unchanged (batched checks)."""
@@ -53,6 +64,40 @@ class BackwardRun:
         return [n is g and v != w for n, g, v, w in zip(now, self.grads, vers, self.versions)]
 
 
+@dataclasses.dataclass(frozen=True)
+class Sources:
+    """Where the norms of a step's gradients come from, decided once per step (the plan asks
+    whether they are covered, the clip then takes them). ``whole``: the run that holds exactly
+    these gradients' norms, in this order, all intact (the usual case: one backward graph);
+    otherwise ``each``: ``(run, position)`` or None per gradient (``assign_norms``)."""
+
+    runs: tuple[BackwardRun, ...]
+    whole: int | None = None
+    each: tuple | None = None
+
+    @property
+    def uniform(self) -> bool:
+        """``whole``, from one piece: one device and dtype (a graph returns one per group)."""
+        return self.whole is not None and len(self.runs[self.whole].pieces) == 1
+
+    @property
+    def covered(self) -> bool:
+        return self.whole is not None or (self.each is not None and all(s is not None for s in self.each))
+
+
+def resolve(runs: Sequence[BackwardRun], params: Sequence[torch.Tensor]) -> Sources:
+    """``Sources`` of ``params``' norms among ``runs`` (their ``.grad`` as it is now)."""
+    runs = tuple(runs)
+    if not runs or not params:
+        return Sources(runs, each=(None,) * len(params))
+    ids = tuple(map(id, params))
+    for r, run in enumerate(runs):
+        if run.ids == ids and run.all_intact():
+            return Sources(runs, whole=r)
+    entries = [list(zip(run.ids, run.intact())) for run in runs]
+    return Sources(runs, each=tuple(assign_norms(entries, ids)))
+
+
 def assign_norms(runs: Sequence[Sequence[tuple[int, bool]]], wanted: Sequence[int]) -> list[tuple[int, int] | None]:
     """Where the norm of each wanted parameter comes from: ``(run, position)`` of an intact
     entry, or None (computed at the step). ``runs``: per run, ``(parameter id, intact)`` per
@@ -67,20 +112,23 @@ def assign_norms(runs: Sequence[Sequence[tuple[int, bool]]], wanted: Sequence[in
 
 
 def ordered_norms(runs: Sequence[BackwardRun], params: Sequence[torch.Tensor], norm_type: float,
-                  inv_scale=None, trusted: bool = True):
+                  inv_scale=None, trusted: bool = True, found: Sources | None = None):
     """The norm of each of ``params``' gradients (1-D float32, in ``params``' order): from the
     intact entries of ``runs`` where ``trusted``, computed now for the rest. Returns (norms,
-    how many came from the backward)."""
+    how many came from the backward). ``found``: ``resolve(runs, params)``, if done already."""
     from . import clipmath
 
-    ids = [id(p) for p in params]
-    if trusted and runs:
-        entries = [list(zip((id(r()) for r in run.params), run.intact())) for run in runs]
-        sources = assign_norms(entries, ids)
-    else:
-        sources = [None] * len(ids)
-    left = [p.grad for p, s in zip(params, sources) if s is None]
     device = params[0].grad.device
+    if trusted and runs:
+        found = found if found is not None else resolve(runs, params)
+        if found.whole is not None:
+            pieces = found.runs[found.whole].pieces
+            flat = pieces[0].to(device) if len(pieces) == 1 else torch.cat([p.to(device) for p in pieces])
+            return flat, len(params)
+        runs, sources = found.runs, list(found.each)
+    else:
+        sources = [None] * len(params)
+    left = [p.grad for p, s in zip(params, sources) if s is None]
     if not runs or len(left) == len(params):
         return clipmath.grad_norms(left, norm_type, inv_scale), 0
     used = sorted({r for s in sources if s is not None for r, _ in [s]})

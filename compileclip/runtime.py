@@ -25,11 +25,12 @@ from collections import Counter
 import torch
 
 from . import discover, eager, hooks, identity
+from . import scope as scope_mod
 from .config import ClipConfig
 from .monitor import Monitor, Monitors
 from .plan import Action, Clipped, StepFacts, StepPlan, plan_step
 from .policies import POLICIES
-from .records import BackwardRun
+from .records import BackwardRun, Sources, resolve
 from .scope import Group, Scope
 
 _is_sparse = operator.attrgetter("is_sparse")
@@ -51,6 +52,9 @@ class OpenStep:
     attrs_before: dict = dataclasses.field(default_factory=dict)  # fold: grad_scale/found_inf before it
     state_before: dict | None = None  # kernel_skip on a first step: the state before it (to drop it)
     backward_norms: bool = False  # EAGER: every norm came from the backward's records
+    # read at the pre-hook, for the clip that follows it (a closure's backward renews them)
+    params: list | None = None  # the group's parameters with a .grad
+    sources: Sources | None = None  # where their norms come from (an IN_GRAPH candidate's)
 
 
 @dataclasses.dataclass
@@ -91,6 +95,7 @@ class ClipRuntime:
 
     def compile_failed(self) -> None:
         self.failed = True
+        scope_mod.bump()  # the owners of optimizers are decided again
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -192,11 +197,12 @@ class ClipRuntime:
         opts = [r() for r in self.scope.optimizers]
         return any(id(p) in ids for o in opts if o is not None for g in o.param_groups for p in g["params"])
 
-    def consume_runs(self, ids: set[int]) -> None:
-        self.runs = [r for r in self.runs if not any(id(p()) in ids for p in r.params)]
+    def consume_runs(self, ids: set[int] | frozenset[int]) -> None:
+        if self.runs:
+            self.runs = [r for r in self.runs if ids.isdisjoint(r.ids)]
 
     # -- the step ------------------------------------------------------------------------------
-    def begin_step(self, opt, args: tuple, kwargs: dict, compiled_frame: bool):
+    def begin_step(self, opt, args: tuple, kwargs: dict, compiled_frame: bool, scaler_called: bool | None = None):
         """Torch's step pre-hook, for a step of an optimizer this clip owns. Returns new
         (args, kwargs) when the step's closure is wrapped."""
         if self.open is not None and self.open.optimizer() is opt:
@@ -218,11 +224,11 @@ class ClipRuntime:
         group = self.scope.group(opt)
         if discover.complete_group(self, group):  # the group's other optimizers, found once
             group = self.scope.group(opt)
-        facts = self.facts(opt, group, args, kwargs, compiled_frame)
+        facts, params, sources = self.facts(opt, group, args, kwargs, compiled_frame, scaler_called)
         plan = plan_step(facts)
         if plan.action is Action.RAISE:
             raise RuntimeError(plan.error)
-        self.open = step = OpenStep(weakref.ref(opt), plan, group)
+        self.open = step = OpenStep(weakref.ref(opt), plan, group, params=params, sources=sources)
         self.stats[f"step_{plan.action.value}"] += 1
         try:
             return eager.carry_out(self, step, opt, args, kwargs)
@@ -230,11 +236,17 @@ class ClipRuntime:
             self.open = None
             raise
 
-    def facts(self, opt, group: Group, args: tuple, kwargs: dict, compiled_frame: bool) -> StepFacts:
+    def facts(self, opt, group: Group, args: tuple, kwargs: dict, compiled_frame: bool,
+              scaler_called: bool | None = None):
+        """The step's ``StepFacts``, the group's parameters with a ``.grad``, and (for a step
+        the compiled graph may clip) where their norms come from."""
         cfg = self.config
         params = identity.with_grad(group.params)
-        own = identity.step_params(opt)
+        own = params if group.is_exactly(opt) else identity.step_params(opt)
         clipped, grew = self._clipped_state(opt, own, self.marks.get(id(group.key)))
+        in_graph = compiled_frame and opt in self.graph_ready
+        # only an IN_GRAPH plan asks (whether to hand the backward's norms to the graph)
+        sources = resolve(self.usable_runs(), params) if in_graph and self.runs and params else None
         grads = [p.grad for p in params]
         closure = (args[1] if len(args) > 1 else kwargs.get("closure")) is not None
         stage = None
@@ -245,19 +257,19 @@ class ClipRuntime:
             clipped=clipped, group_grew=grew,
             closure=closure,
             compiled_frame=compiled_frame, graph_ready=opt in self.graph_ready,
-            group_is_step=identity.ids(params) == identity.ids(own),
+            group_is_step=own is params or identity.ids(params) == identity.ids(own),
             sparse=any(map(_is_sparse, grads)), dtensor=any(map(eager.is_dtensor, grads[:1])),
             fuse=cfg.fuse, computes_norm=cfg.computes_norm,
-            trusted=eager.trusted(self) if self.runs or closure else True,  # only records need trust
-            # only an IN_GRAPH plan asks (whether to hand the backward's norms to the graph)
-            backward_covers_step=compiled_frame and opt in self.graph_ready and eager.covered(self, params),
+            # only records need trust
+            trusted=eager.trusted(self, scaler_called) if self.runs or closure else True,
+            backward_covers_step=sources is not None and sources.covered,
             scaler_stage=stage, grad_scale_set=getattr(opt, "grad_scale", None) is not None,
             skip_nonfinite=cfg.skip_nonfinite, error_if_nonfinite=cfg.error_if_nonfinite,
             fused_kernel=eager.fused_kernel(opt),
             scale_only=cfg.max_norm is not None and cfg.clip_value is None and self.monitor(group).agc is None,
             optimizer=type(opt).__name__,
             scope=self.scope.describe(group.units) if clipped is Clipped.MIXED else "",  # for its message
-        )
+        ), params, sources
 
     @staticmethod
     def _clipped_state(opt, own: list, marks: Marks | None) -> tuple[Clipped, bool]:
@@ -272,9 +284,9 @@ class ClipRuntime:
 
     def mark_clipped(self, step: OpenStep, opt) -> None:
         """After a clip: the group's gradients as they are now, for the group's later steps."""
-        params = [p for p in step.group.params if p.grad is not None]
+        params = identity.with_grad(step.group.params)
         self.marks[id(step.group.key)] = Marks(dict(zip(map(id, params), identity.keys(identity.grads(params)))),
-                                               frozenset(map(id, step.group.params)), {id(opt)}, step.skipped)
+                                               step.group.members, {id(opt)}, step.skipped)
 
     def end_step(self, opt) -> None:
         if self.nested:

@@ -30,6 +30,19 @@ from collections.abc import Iterable
 import torch
 
 
+_EPOCH = [0]  # bumped with every scope's version, and by ``bump``: owners are decided again
+
+
+def epoch() -> int:
+    return _EPOCH[0]
+
+
+def bump() -> None:
+    """Something that decides which clip owns an optimizer changed (a clip came or went, a
+    compile failed)."""
+    _EPOCH[0] += 1
+
+
 def _trainable(t) -> bool:
     return isinstance(t, torch.Tensor) and t.requires_grad
 
@@ -78,6 +91,12 @@ class Group:
     key: torch.optim.Optimizer
     explicit: bool = False  # named with attach(opt, parameters=...)
     units: tuple[Unit, ...] = ()
+    members: frozenset[int] = frozenset()  # id of each of ``params``
+    exact: frozenset[int] = frozenset()  # id of each optimizer whose parameters are ``params``, in order
+
+    def is_exactly(self, opt) -> bool:
+        """``opt`` holds exactly the group's parameters, in the group's order."""
+        return id(opt) in self.exact
 
 
 def _opt_params(opt) -> list[torch.Tensor]:
@@ -96,9 +115,19 @@ class Scope:
         self.units: list[Unit] = []
         self.optimizers: list[weakref.ref] = []  # known optimizers, in the order they became known
         self.explicit: dict[int, tuple[weakref.ref, tuple[weakref.ref, ...]]] = {}
-        self.version = 0  # bumped by every change: cached groups and owners are decided again
+        self._version = 0  # ``version``
         self._layouts: dict[int, tuple] = {}  # id(known optimizer) -> its layout when last seen
         self._groups: dict[int, tuple[int, weakref.ref, tuple, tuple, tuple]] = {}
+
+    @property
+    def version(self) -> int:
+        """Bumped by every change: cached groups and owners are decided again."""
+        return self._version
+
+    @version.setter
+    def version(self, value: int) -> None:
+        self._version = value
+        bump()
 
     # -- learning -------------------------------------------------------------------------------
     def add_graph(self, modules: Iterable[torch.nn.Module], leaves: Iterable[torch.Tensor]) -> None:
@@ -168,10 +197,13 @@ class Scope:
             opts = tuple(r() for r in cached[3])
             # `is`, not `in`: `None in params` calls Tensor.__eq__ (a DTensor dispatch each)
             if not any(x is None for x in params) and not any(o is None for o in opts):
-                return Group(params, opts, opts[0], id(opt) in self.explicit, cached[4])
+                return Group(params, opts, opts[0], id(opt) in self.explicit, cached[4], cached[5], cached[6])
         g = self._decide(opt)
+        ids = tuple(map(id, g.params))
+        exact = frozenset(id(o) for o in g.optimizers if tuple(map(id, _opt_params(o))) == ids)
+        g = dataclasses.replace(g, members=frozenset(ids), exact=exact)
         self._groups[id(opt)] = (self.version, weakref.ref(opt), tuple(map(weakref.ref, g.params)),
-                                 tuple(map(weakref.ref, g.optimizers)), g.units)
+                                 tuple(map(weakref.ref, g.optimizers)), g.units, g.members, exact)
         return g
 
     def _decide(self, opt) -> Group:

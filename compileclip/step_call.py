@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import Any
 
 import torch
 
+from . import eager
 from .eager import is_dtensor
 
 
@@ -26,6 +28,20 @@ class ClippedStep:
         # this graph creates optimizer state (the first step): a skipped step must not keep it
         self.initializing = initializing
         self.cudagraphs = bool(inductor_config.triton.cudagraphs)  # outputs are reused buffers
+        self._consts: dict[bool, dict] = {}  # clip -> the runtime inputs that are constants
+
+    def _constants(self, clip: bool) -> dict:
+        """``max_norm``, ``enabled``, ``clip_value`` (kept, unless ``max_norm`` is a tensor,
+        which may be copied to the device at each step)."""
+        values = self._consts.get(clip)
+        if values is None:
+            rt, dev = self.runtime, self.device
+            values = {"max_norm": rt.max_norm_on(dev), "enabled": rt.const(("enabled", clip), clip, torch.bool, dev),
+                      "clip_value": rt.const("value", rt.config.clip_value, torch.float32, dev)
+                      if rt.config.clip_value is not None else None}
+            if not isinstance(rt.config.max_norm, torch.Tensor):
+                self._consts[clip] = values
+        return values
 
     def __call__(self, *args: Any) -> Any:
         rt, dev = self.runtime, self.device
@@ -37,10 +53,7 @@ class ClippedStep:
             # a step that does not clip (clipped at the pre-hook) runs whichever variant exists
             given = next(iter(self.variants.compiled))
             handed = rt.const("zero", 0.0, torch.float32, dev) if given else None
-        values = {"max_norm": rt.max_norm_on(dev), "enabled": rt.const(("enabled", clip), clip, torch.bool, dev),
-                  "clip_value": rt.const("value", rt.config.clip_value, torch.float32, dev)
-                  if rt.config.clip_value is not None else None,
-                  "scale": scale, "total_norm": handed}
+        values = {**self._constants(clip), "scale": scale, "total_norm": handed}
         if self.variants.policy is not None:  # read only by the graph: updated after it, by ``finish``
             values["state"] = self._monitor(opt).policy_state(dev)
         full = self.variants.signature(given).bind(args, values)
@@ -149,7 +162,9 @@ class CompiledStep:
             result = hook(opt, args, kwargs)
             if result is not None:
                 args, kwargs = result
-        new = hooks.begin(opt, args, kwargs, compiled_frame=True)
+        # GradScaler.step(opt) calling this object as opt.step: the frames above this one
+        scaler_called = eager.called_from_grad_scaler(sys._getframe(1), eager.SCALER_FRAMES_ABOVE)
+        new = hooks.begin(opt, args, kwargs, compiled_frame=True, scaler_called=scaler_called)
         if new is not None:
             args, kwargs = new
         try:
