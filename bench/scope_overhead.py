@@ -89,7 +89,7 @@ def main() -> None:
     for _ in range(args.reps):
         t = time.perf_counter()
         for _ in range(10000):
-            eager._called_from_grad_scaler()
+            eager.called_from_grad_scaler()
         ts.append((time.perf_counter() - t) / 10000 * 1e6)
     print(f"  grad_scaler_check:                 {stats(ts)}")
     rt = compileclip.clip_backend(max_norm=1.0)._runtime

@@ -126,9 +126,10 @@ def complete_group(rt, group) -> bool:
     ``clip_grad_norm_(model.parameters())`` covers. True if the scope changed."""
     if group.explicit or not group.units:
         return False
-    checked = _completed.setdefault(rt, {})
-    if checked.get(id(group.key)) == rt.scope.version:  # once per change of the scope: not every step
+    checked = _completed.get(rt)
+    if checked is not None and checked.get(id(group.key)) == rt.scope.version:  # once per change of the scope
         return False
+    checked = _completed.setdefault(rt, {})
     checked[id(group.key)] = rt.scope.version
     held = {id(p) for o in group.optimizers for g in o.param_groups for p in g["params"]}
     if all(id(p) in held for u in group.units for p in u.params() if p.grad is not None):

@@ -113,7 +113,7 @@ def _wrap_closure(rt, step, opt, args, kwargs):
 
     @torch._dynamo.disable  # a compiled step traces its closure: the clip stays eager
     def clip_now():
-        step.params = step.sources = None  # the closure's backward made new gradients
+        step.params = step.grads = step.sources = None  # the closure's backward made new gradients
         clip_group(rt, step, opt)
 
     def clipped_closure():
@@ -195,15 +195,23 @@ def total_of(parts: torch.Tensor, grads: list, norm_type: float, uniform: bool =
     return clipmath.total(parts if order is None else parts[torch.tensor(order, device=parts.device)], norm_type)
 
 
+def _uniform(step: OpenStep) -> bool:
+    """Every norm came from one backward run's single piece: one device and dtype, so the
+    norms are stacked in the gradients' order, as eager's."""
+    return step.backward_norms and step.sources is not None and step.sources.uniform
+
+
 def clip_group(rt: ClipRuntime, step: OpenStep, opt) -> None:
     """The eager clip of ``step``'s group: ``clip_grad_norm_`` then ``clip_grad_value_``."""
     cfg = rt.config
-    params = step.params if step.params is not None else identity.with_grad(step.group.params)
+    if step.params is not None:
+        params, grads = step.params, step.grads
+    else:
+        params, grads = identity.with_grads(step.group.params)
     if not params:
         return
-    skip = _unscale(rt, step, opt, params)
+    skip = _unscale(rt, step, opt, params)  # in place: the same gradient tensors
     mon = rt.monitor(step.group)
-    grads = [p.grad for p in params]
     local = shards.placements_of(grads) if is_dtensor(grads[0]) else None
     dims = shards.reduce_dims(local[1]) if local is not None else None
     if is_dtensor(grads[0]) and dims is None:
@@ -217,7 +225,7 @@ def clip_group(rt: ClipRuntime, step: OpenStep, opt) -> None:
             rt.stats["norm_local_shards"] += 1
         else:
             parts = group_norms(rt, params, step.plan.use_backward, step)
-            total = total_of(parts, grads, cfg.norm_type)
+            total = total_of(parts, grads, cfg.norm_type, uniform=_uniform(step))
             if mon.per_param:
                 mon.record_param_norms(parts, [weakref.ref(p) for p in params])
         if cfg.error_if_nonfinite and not bool(torch.isfinite(total)):
@@ -329,13 +337,14 @@ def hand_norm(rt: ClipRuntime, step: OpenStep, opt) -> None:
     group's gradients that the graph does not see are clipped here."""
     cfg = rt.config
     params = step.params
-    grads = identity.grads(params)
     mon = rt.monitor(step.group)
     parts = group_norms(rt, params, step.plan.use_backward, step)
-    total = step.handed = total_of(parts, grads, cfg.norm_type, 
-                                     uniform=step.backward_norms and step.sources is not None and step.sources.uniform)
+    uniform = _uniform(step)
+    total = step.handed = total_of(parts, None if uniform else step.grads, cfg.norm_type, uniform=uniform)
     if mon.per_param:
         mon.record_param_norms(parts, [weakref.ref(p) for p in params])
+    if step.group.is_exactly(opt):
+        return rt.consume_runs(step.group.members)  # the graph sees every gradient of the group
     own = identity.ids(identity.step_params(opt))
     others = [p for p in params if id(p) not in own]
     if others:

@@ -73,6 +73,16 @@ def step_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     return with_grad(list(itertools.chain.from_iterable(g["params"] for g in opt.param_groups)))
 
 
+def with_grads(params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Those of ``params`` that have a ``.grad``, in order, and those gradients (one pass)."""
+    params = list(params)
+    gs = grads(params)
+    if not has_none(gs):
+        return params, gs
+    keep = list(map(operator.is_not, gs, itertools.repeat(None)))
+    return list(itertools.compress(params, keep)), list(itertools.compress(gs, keep))
+
+
 def with_grad(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Those of ``params`` that have a ``.grad``, in order."""
     params = list(params)

@@ -42,11 +42,15 @@ class BackwardRun:
         if not self.ids:
             object.__setattr__(self, "ids", tuple(map(id, identity.deref(self.params))))
 
-    def all_intact(self) -> bool:
-        """``all(self.intact())``, with no list per gradient."""
-        params = identity.deref(self.params)
-        return (not identity.has_none(params) and all(map(operator.is_, identity.grads(params), self.grads))
-                and identity.versions(self.grads) == list(self.versions))
+    def all_intact(self, now: Sequence[torch.Tensor] | None = None) -> bool:
+        """``all(self.intact())``, with no list per gradient. ``now``: the parameters' ``.grad``
+        in this run's order, if the caller has them."""
+        if now is None:
+            params = identity.deref(self.params)
+            if identity.has_none(params):
+                return False
+            now = identity.grads(params)
+        return all(map(operator.is_, now, self.grads)) and tuple(identity.versions(self.grads)) == self.versions
 
     def intact(self) -> list[bool]:
         """Per gradient: still its parameter's ``.grad``, unchanged (batched checks)."""
@@ -85,14 +89,15 @@ class Sources:
         return self.whole is not None or (self.each is not None and all(s is not None for s in self.each))
 
 
-def resolve(runs: Sequence[BackwardRun], params: Sequence[torch.Tensor]) -> Sources:
-    """``Sources`` of ``params``' norms among ``runs`` (their ``.grad`` as it is now)."""
+def resolve(runs: Sequence[BackwardRun], params: Sequence[torch.Tensor], grads: Sequence | None = None) -> Sources:
+    """``Sources`` of ``params``' norms among ``runs`` (their ``.grad`` as it is now, which is
+    ``grads`` when given)."""
     runs = tuple(runs)
     if not runs or not params:
         return Sources(runs, each=(None,) * len(params))
     ids = tuple(map(id, params))
     for r, run in enumerate(runs):
-        if run.ids == ids and run.all_intact():
+        if run.ids == ids and run.all_intact(grads):
             return Sources(runs, whole=r)
     entries = [list(zip(run.ids, run.intact())) for run in runs]
     return Sources(runs, each=tuple(assign_norms(entries, ids)))
@@ -123,8 +128,9 @@ def ordered_norms(runs: Sequence[BackwardRun], params: Sequence[torch.Tensor], n
         found = found if found is not None else resolve(runs, params)
         if found.whole is not None:
             pieces = found.runs[found.whole].pieces
-            flat = pieces[0].to(device) if len(pieces) == 1 else torch.cat([p.to(device) for p in pieces])
-            return flat, len(params)
+            if len(pieces) == 1:
+                return (pieces[0] if pieces[0].device == device else pieces[0].to(device)), len(params)
+            return torch.cat([p.to(device) for p in pieces]), len(params)
         runs, sources = found.runs, list(found.each)
     else:
         sources = [None] * len(params)

@@ -34,6 +34,7 @@ from .records import BackwardRun, Sources, resolve
 from .scope import Group, Scope
 
 _is_sparse = operator.attrgetter("is_sparse")
+_STAT = {a: f"step_{a.value}" for a in Action}  # the counter of each action
 _MAX_RUNS = 256  # records kept between steps (a loop that never steps must not grow them)
 
 
@@ -54,6 +55,7 @@ class OpenStep:
     backward_norms: bool = False  # EAGER: every norm came from the backward's records
     # read at the pre-hook, for the clip that follows it (a closure's backward renews them)
     params: list | None = None  # the group's parameters with a .grad
+    grads: list | None = None  # ... and those gradients
     sources: Sources | None = None  # where their norms come from (an IN_GRAPH candidate's)
 
 
@@ -224,12 +226,12 @@ class ClipRuntime:
         group = self.scope.group(opt)
         if discover.complete_group(self, group):  # the group's other optimizers, found once
             group = self.scope.group(opt)
-        facts, params, sources = self.facts(opt, group, args, kwargs, compiled_frame, scaler_called)
+        facts, (params, grads), sources = self.facts(opt, group, args, kwargs, compiled_frame, scaler_called)
         plan = plan_step(facts)
         if plan.action is Action.RAISE:
             raise RuntimeError(plan.error)
-        self.open = step = OpenStep(weakref.ref(opt), plan, group, params=params, sources=sources)
-        self.stats[f"step_{plan.action.value}"] += 1
+        self.open = step = OpenStep(weakref.ref(opt), plan, group, params=params, grads=grads, sources=sources)
+        self.stats[_STAT[plan.action]] += 1
         try:
             return eager.carry_out(self, step, opt, args, kwargs)
         except BaseException:  # the step does not happen: no post-hook will close it
@@ -241,13 +243,12 @@ class ClipRuntime:
         """The step's ``StepFacts``, the group's parameters with a ``.grad``, and (for a step
         the compiled graph may clip) where their norms come from."""
         cfg = self.config
-        params = identity.with_grad(group.params)
+        params, grads = identity.with_grads(group.params)
         own = params if group.is_exactly(opt) else identity.step_params(opt)
         clipped, grew = self._clipped_state(opt, own, self.marks.get(id(group.key)))
-        in_graph = compiled_frame and opt in self.graph_ready
-        # only an IN_GRAPH plan asks (whether to hand the backward's norms to the graph)
-        sources = resolve(self.usable_runs(), params) if in_graph and self.runs and params else None
-        grads = [p.grad for p in params]
+        # the records, checked once for the step (the plan asks whether they cover it, the clip
+        # then takes their norms)
+        sources = resolve(self.usable_runs(), params, grads) if self.runs and params else None
         closure = (args[1] if len(args) > 1 else kwargs.get("closure")) is not None
         stage = None
         if self.scaler is not None:
@@ -258,18 +259,20 @@ class ClipRuntime:
             closure=closure,
             compiled_frame=compiled_frame, graph_ready=opt in self.graph_ready,
             group_is_step=own is params or identity.ids(params) == identity.ids(own),
-            sparse=any(map(_is_sparse, grads)), dtensor=any(map(eager.is_dtensor, grads[:1])),
+            # a graph's gradient is dense: only those the records do not cover are looked at
+            sparse=not (sources is not None and sources.whole is not None) and any(map(_is_sparse, grads)),
+            dtensor=any(map(eager.is_dtensor, grads[:1])),
             fuse=cfg.fuse, computes_norm=cfg.computes_norm,
             # only records need trust
             trusted=eager.trusted(self, scaler_called) if self.runs or closure else True,
-            backward_covers_step=sources is not None and sources.covered,
+            backward_covers_step=compiled_frame and opt in self.graph_ready and sources is not None and sources.covered,
             scaler_stage=stage, grad_scale_set=getattr(opt, "grad_scale", None) is not None,
             skip_nonfinite=cfg.skip_nonfinite, error_if_nonfinite=cfg.error_if_nonfinite,
             fused_kernel=eager.fused_kernel(opt),
             scale_only=cfg.max_norm is not None and cfg.clip_value is None and self.monitor(group).agc is None,
             optimizer=type(opt).__name__,
             scope=self.scope.describe(group.units) if clipped is Clipped.MIXED else "",  # for its message
-        ), params, sources
+        ), (params, grads), sources
 
     @staticmethod
     def _clipped_state(opt, own: list, marks: Marks | None) -> tuple[Clipped, bool]:
@@ -284,7 +287,7 @@ class ClipRuntime:
 
     def mark_clipped(self, step: OpenStep, opt) -> None:
         """After a clip: the group's gradients as they are now, for the group's later steps."""
-        params = identity.with_grad(step.group.params)
+        params = identity.with_grad(step.group.params if step.params is None else step.params)
         self.marks[id(step.group.key)] = Marks(dict(zip(map(id, params), identity.keys(identity.grads(params)))),
                                                step.group.members, {id(opt)}, step.skipped)
 
@@ -319,7 +322,7 @@ class ClipRuntime:
         is not counted): a clip already applied is marked, so that a rerun does not clip twice."""
         step, self.open, self.nested = self.open, None, 0
         if step is not None and replanned:
-            self.stats[f"step_{step.plan.action.value}"] -= 1
+            self.stats[_STAT[step.plan.action]] -= 1
         if step is not None:
             eager.unfold(self, step, opt)
         if step is not None and step.clipped:

@@ -117,7 +117,7 @@ class Scope:
         self.explicit: dict[int, tuple[weakref.ref, tuple[weakref.ref, ...]]] = {}
         self._version = 0  # ``version``
         self._layouts: dict[int, tuple] = {}  # id(known optimizer) -> its layout when last seen
-        self._groups: dict[int, tuple[int, weakref.ref, tuple, tuple, tuple]] = {}
+        self._groups: dict[int, tuple] = {}  # id(opt) -> (version, ref, group without optimizers, their refs)
 
     @property
     def version(self) -> int:
@@ -190,20 +190,22 @@ class Scope:
         return any(ids & u.ids() for u in self.units)
 
     def group(self, opt: torch.optim.Optimizer) -> Group:
-        """``opt``'s group (module docstring), cached until the scope changes."""
+        """``opt``'s group (module docstring), cached until the scope changes. The cache holds
+        the group's parameters (most of which ``opt`` holds anyway) while ``opt`` lives: no
+        walk over weak references at each step."""
         cached = self._groups.get(id(opt))
         if cached is not None and cached[0] == self.version and cached[1]() is opt:
-            params = tuple(r() for r in cached[2])
-            opts = tuple(r() for r in cached[3])
-            # `is`, not `in`: `None in params` calls Tensor.__eq__ (a DTensor dispatch each)
-            if not any(x is None for x in params) and not any(o is None for o in opts):
-                return Group(params, opts, opts[0], id(opt) in self.explicit, cached[4], cached[5], cached[6])
+            opts = tuple(r() for r in cached[3])  # weakly: a cached group keeps no optimizer alive
+            if not any(o is None for o in opts):
+                g = cached[2]
+                return Group(g.params, opts, opts[0], g.explicit, g.units, g.members, g.exact)
         g = self._decide(opt)
         ids = tuple(map(id, g.params))
         exact = frozenset(id(o) for o in g.optimizers if tuple(map(id, _opt_params(o))) == ids)
         g = dataclasses.replace(g, members=frozenset(ids), exact=exact)
-        self._groups[id(opt)] = (self.version, weakref.ref(opt), tuple(map(weakref.ref, g.params)),
-                                 tuple(map(weakref.ref, g.optimizers)), g.units, g.members, exact)
+        ref = weakref.ref(opt, lambda _, key=id(opt), groups=self._groups: groups.pop(key, None))
+        self._groups[id(opt)] = (self.version, ref, dataclasses.replace(g, optimizers=(), key=None),
+                                 tuple(map(weakref.ref, g.optimizers)))
         return g
 
     def _decide(self, opt) -> Group:
