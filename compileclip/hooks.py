@@ -114,6 +114,27 @@ def _pending_error(clips, opt) -> None:
             "clip.attach(optimizer, parameters=[]) leaves its steps unclipped.")
 
 
+def unconsumed_error(rt, opt, group) -> None:
+    """Raise if a backward of ``rt``'s clip produced gradients (since the last optimizer step)
+    outside ``group``, the group of ``opt``'s step, that no optimizer the clip knows or can
+    find consumes: eager code would clip right before this step, over those too or not, and the
+    clip cannot tell which. ``clip.attach(opt)`` names the group (the optimizer's parameters)."""
+    left = rt.pending() - group.members
+    if not left or rt.consumed_by_known(left):
+        return
+    discover.find_optimizers(rt)
+    if rt.consumed_by_known(left):
+        return
+    raise RuntimeError(
+        f"compileclip: {type(opt).__name__}.step() clips the gradients of its group, but a backward of "
+        f"{rt.scope.describe()} (compiled with this clip) also produced gradients of {len(left)} "
+        "parameters that no optimizer consumes. Eager code would call clip_grad_norm_ right before "
+        "this step, with or without them, and the clip cannot tell which. Say it before the first "
+        "step: clip.attach(optimizer) clips this optimizer's parameters only, as "
+        "clip_grad_norm_(optimizer's parameters); or freeze the others (requires_grad_(False)), or "
+        "give them to an optimizer.")
+
+
 def begin(opt, args, kwargs, compiled_frame: bool, again: bool = False, scaler_called: bool | None = None):
     """The clips' side of a step's pre-hook (also called by ``CompiledStep``, which runs the
     hooks itself; ``again``: the same step, planned anew after an abort; ``scaler_called``: see

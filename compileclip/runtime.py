@@ -83,6 +83,9 @@ class ClipRuntime:
         self.runs: list[BackwardRun] = []  # confirmed backward norms, not yet used by a step
         self._pending: list = []  # runs of this backward, confirmed when it ends
         self._task = None
+        # the parameters whose gradients backward graphs of this clip produced since the last
+        # optimizer step (of any optimizer), accumulated or not: (hooks.steps() then, id -> ref)
+        self._produced: tuple[int, dict[int, weakref.ref]] = (-1, {})
         self.open: OpenStep | None = None
         self.nested = 0
         self.marks: dict[int, Marks] = {}  # id(group key) -> its last clip in this backward
@@ -146,6 +149,7 @@ class ClipRuntime:
         lives no other tensor gets its address) and the run is confirmed when the backward
         ends, by address."""
         self.stats["backward_graph_runs"] += 1
+        self._note_produced(params)
         task = torch._C._current_graph_task_id()
         if task != self._task or not self._pending:
             if task != self._task:  # a new backward: what earlier ones left is stale
@@ -168,6 +172,14 @@ class ClipRuntime:
             self.runs.append(BackwardRun(pieces, refs, tuple(now), versions, hooks.steps()))
         del self.runs[:-_MAX_RUNS]
 
+    def _note_produced(self, params: tuple[weakref.ref, ...]) -> None:
+        at, produced = self._produced
+        if at != hooks.steps():
+            produced = {}
+            self._produced = (hooks.steps(), produced)
+        for r in params:
+            produced[id(r())] = r
+
     def new_backward(self) -> None:
         """A backward began: the records and marks of earlier ones are stale."""
         self.runs.clear()
@@ -175,6 +187,7 @@ class ClipRuntime:
 
     def add_run(self, run: BackwardRun) -> None:
         """A run confirmed elsewhere (DDP's hook, ``ddp.py``)."""
+        self._note_produced(run.params)
         self.runs.append(run)
         del self.runs[:-_MAX_RUNS]
 
@@ -188,11 +201,13 @@ class ClipRuntime:
         return self.runs
 
     def pending(self) -> set[int]:
-        """The ids of the parameters whose gradients a backward graph of this clip produced, are
-        still ``.grad``, and no optimizer has stepped since (this step is the first)."""
-        now = hooks.steps() - 1
-        return {id(r()) for run in self.runs if run.steps == now
-                for r, ok in zip(run.params, run.intact()) if ok}
+        """The ids of the parameters with a ``.grad`` to which a backward graph of this clip
+        contributed since the last optimizer step (this step is the first): summed into
+        an earlier backward's gradient (accumulation) or not."""
+        at, produced = self._produced
+        if at != hooks.steps() - 1:
+            return set()
+        return {i for i, r in produced.items() if (p := r()) is not None and p.grad is not None}
 
     def consumed_by_known(self, ids: set[int]) -> bool:
         """A known optimizer of this clip holds one of these parameters."""
@@ -226,6 +241,8 @@ class ClipRuntime:
         group = self.scope.group(opt)
         if discover.complete_group(self, group):  # the group's other optimizers, found once
             group = self.scope.group(opt)
+        if id(opt) not in self.scope.attached and not self._produced[1].keys() <= group.members:
+            hooks.unconsumed_error(self, opt, group)
         facts, (params, grads), sources = self.facts(opt, group, args, kwargs, compiled_frame, scaler_called)
         plan = plan_step(facts)
         if plan.action is Action.RAISE:
