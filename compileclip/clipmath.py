@@ -148,6 +148,37 @@ def dtensor_total(grads: Sequence, norm_type: float):
     return torch.sqrt(out) if p == 2.0 else torch.pow(out, 1.0 / p)
 
 
+def _replicated(mesh):
+    """``local -> DTensor.from_local(local, mesh, Replicate() on every dim)``: one call in a
+    traced graph (its target; the mesh is no graph argument)."""
+    def replicated(local):
+        from torch.distributed.tensor import DTensor, Replicate
+
+        return DTensor.from_local(local, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return replicated
+
+
+def shards_total(grads: Sequence, spec: StepClipSpec):
+    """The total norm of DTensor gradients in a compiled step, through their local shards, as
+    ``shards.total_norm`` computes it eagerly: one ``grad_norms`` per device and dtype, one
+    all-reduce per reduced mesh dimension (functional collectives), the norm of the result,
+    made a replicated DTensor for the update's DTensor ops. A constant number of kernels."""
+    p = float(spec.norm_type)
+    local = [g.to_local() for g in grads]
+    pieces = [ops.GRAD_NORMS([local[i] for i in pos], p, None) for pos in spec.groups]
+    stacked = pieces[0] if len(pieces) == 1 else torch.cat([x.to(spec.device) for x in pieces])
+    for name in spec.shard_groups:
+        if math.isinf(p):
+            stacked = torch.ops._c10d_functional.wait_tensor(torch.ops._c10d_functional.all_reduce(stacked, "max", name))
+        else:
+            summed = torch.ops._c10d_functional.all_reduce(stacked ** p, "sum", name)
+            stacked = torch.ops._c10d_functional.wait_tensor(summed) ** (1.0 / p)
+    tot = torch.linalg.vector_norm(stacked, p)
+    if isinstance(tot, torch.fx.Proxy):  # traced: one node that makes the DTensor
+        return tot.tracer.create_proxy("call_function", spec.replicate, (tot,), {})
+    return spec.replicate(tot)
+
+
 @dataclasses.dataclass(frozen=True)
 class StepClipSpec:
     """What ``step_clip`` computes, fixed when a step graph is compiled."""
@@ -166,6 +197,10 @@ class StepClipSpec:
     policy: tuple[str, tuple[float, ...]] | None = None
     agc: tuple[float, float] | None = None
     parts: bool = False
+    # DTensor gradients whose norm the local shards give (``shards.reduce_dims``): the process
+    # group of each reduced mesh dimension, and the function that replicates the total
+    shard_groups: tuple[str, ...] | None = None
+    replicate: object = None
 
 
 def _on(x, dev, spec: StepClipSpec):
@@ -191,7 +226,9 @@ def step_clip(grads: list, inp: dict, spec: StepClipSpec, params: list | None = 
     if spec.given_norm:
         tot = inp["total_norm"]
     elif spec.compute_norm:
-        if spec.dtensor:
+        if spec.dtensor and spec.shard_groups is not None and not spec.unscale:
+            tot = shards_total(clipped, spec)
+        elif spec.dtensor:
             tot = dtensor_total(clipped, spec.norm_type)
         else:
             both = [ops.NORMS_AND_TOTAL([grads[i] for i in pos], float(spec.norm_type), inv) for pos in spec.groups]

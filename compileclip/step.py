@@ -159,6 +159,22 @@ def _warn_low_precision(rt, config, grad_inputs) -> None:
             "parameters (torch.autocast for the forward), or clip in the model only (no compile_step)")
 
 
+def _shard_spec(grad_inputs) -> dict:
+    """For DTensor gradients whose total norm the local shards give (``shards.reduce_dims``):
+    the process group names of the reduced mesh dimensions and the replicating function."""
+    if not any(is_dtensor(g) for g in grad_inputs):
+        return {}
+    from . import shards
+
+    local = shards.placements_of(grad_inputs)
+    dims = shards.reduce_dims(local[1]) if local is not None else None
+    if dims is None:
+        return {}
+    mesh = local[0]
+    return {"shard_groups": tuple(mesh.get_group(d).group_name for d in dims),
+            "replicate": clipmath._replicated(mesh)}
+
+
 def _initializing(optimizer) -> bool:
     """The graph was traced while some parameter had no optimizer state: it creates it (SGD's
     momentum buffer; Dynamo initializes Adam's moments before tracing)."""
@@ -186,7 +202,8 @@ class _Variants:
             clip_value=config.clip_value is not None, unscale=rt.scaler is not None,
             dtensor=any(is_dtensor(g) for g in grad_inputs),
             policy=None if mon.policy is None else (mon.policy.kind, tuple(mon.policy.params)),
-            agc=None if mon.agc is None else (mon.agc.clipping, mon.agc.eps), parts=mon.per_param)
+            agc=None if mon.agc is None else (mon.agc.clipping, mon.agc.eps), parts=mon.per_param,
+            **_shard_spec(grad_inputs))
         if self.spec.dtensor and mon.per_param:
             raise NotImplementedError(
                 "compileclip: per_param_norms=True is not supported in a compiled step over DTensor "

@@ -194,3 +194,57 @@ def main_ops(rank: int, port: int, name: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def main_step_kernels(rank: int, port: int, name: str) -> None:
+    """A compiled step over FSDP2's DTensor gradients (``clip.compile_step(opt)``) has a
+    constant number of kernels more than a plain ``torch.compile(opt.step)``: the norm through
+    the local shards (one ``grad_norms`` call, one all-reduce), not one reduction per gradient
+    (measured: +4 loop nests and +3 extern calls at 6 and 18 gradients; before: +9 and +21 loop
+    nests). Counted as Inductor generates them on
+    CPU, loop nests and extern calls (``test_constant_kernels.py``); SGD over 6 and 18 sharded
+    gradients, with the exactness of the same step checked in ``fsdp_step``."""
+    import re
+
+    from torch._inductor import metrics
+    from torch._inductor.utils import run_and_get_code
+
+    extern = re.compile(r"\bextern_kernels\.\w+\(|\btorch\.ops\.\w+\.\w+\.\w+\(")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=300))
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from compileclip import clip_backend
+
+        mesh = init_device_mesh("cpu", (WORLD,))
+        added = {}
+        for depth in (2, 8):
+            counts = []
+            for clipped in (False, True):
+                torch._dynamo.reset()
+                torch.manual_seed(0)
+                model = Net(16, depth)
+                for blk in model.blocks:
+                    fully_shard(blk, mesh=mesh)
+                fully_shard(model, mesh=mesh)
+                opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+                clip = clip_backend(max_norm=ACTIVE) if clipped else None
+                step = clip.compile_step(opt) if clipped else torch.compile(opt.step)
+                loss_fn(model(batch(rank, 0, 16))).backward()
+                metrics.reset()
+                with torch._inductor.config.patch(fx_graph_cache=False), \
+                        torch._functorch.config.patch(enable_autograd_cache=False):
+                    _, sources = run_and_get_code(step)
+                counts.append((metrics.generated_kernel_count, sum(len(extern.findall(s)) for s in sources)))
+                if clip is not None:  # (the first call clips at the pre-hook: the graph runs disabled)
+                    clip.remove()
+            added[2 * depth + 2] = (counts[1][0] - counts[0][0], counts[1][1] - counts[0][1])
+        assert len(set(added.values())) == 1, added
+        print(f"rank {rank}: (loop nests, extern calls) the clip adds to the compiled step: {added}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -102,3 +102,9 @@ def test_dtensor_bitwise(name):
 def test_fsdp2_step_ops_constant():
     """The clip at an FSDP2 step dispatches the same ops for 10, 66, 258 and 1026 gradients."""
     _spawn("ops", dist_shards.main_ops)
+
+
+@pytest.mark.skipif(not _have_fsdp2(), reason="FSDP2 (fully_shard, init_device_mesh) not available")
+def test_fsdp2_compiled_step_kernels_constant():
+    """A compiled step over FSDP2's DTensor gradients adds the same kernels at 6 and 18."""
+    _spawn("step_kernels", dist_shards.main_step_kernels)
