@@ -78,3 +78,25 @@ def test_trunk_attached_optimizer_clips_its_parameters(max_norm, compile_step):
     compare_with_eager(trunk_loop(2), trunk_and_head, lambda ms: [torch.optim.SGD(ms[1].parameters(), lr=0.1)],
                        trunk_compiled(compile_step, attach=True), max_norm=max_norm, iterations=3,
                        tol=None if compile_step else "bitwise", **AOT)
+
+
+def data_write_loop(models, opts, clip, steps, i):
+    """Old code that halves the gradients through ``.data``, which moves no version counter."""
+    (model,) = models
+    opts[0].zero_grad(set_to_none=True)
+    F.mse_loss(model(torch.randn(6, 8)), torch.randn(6, 4)).backward()
+    for p in model.parameters():
+        p.grad.data.mul_(0.5)
+    steps[0]()
+
+
+@pytest.mark.parametrize("max_norm", [ACTIVE, INACTIVE], ids=["active", "inactive"])
+def test_writes_through_data_with_fuse_false(max_norm):
+    """The documented way out for writes the clip cannot see (docs/guide.md): ``fuse=False``
+    norms at every step, eager's numbers. (With ``fuse=True`` the backward's norm of the
+    gradients before the write is used: ``total_norm`` twice eager's here.)"""
+    from harness import whole_model
+
+    compare_with_eager(data_write_loop, lambda: [nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))],
+                       lambda ms: [torch.optim.SGD(ms[0].parameters(), lr=0.1)], whole_model(),
+                       max_norm=max_norm, iterations=3, tol="bitwise", fuse=False, **AOT)
