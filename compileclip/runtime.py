@@ -304,8 +304,8 @@ class ClipRuntime:
 
     def mark_clipped(self, step: OpenStep, opt) -> None:
         """After a clip: the group's gradients as they are now, for the group's later steps."""
-        params = identity.with_grad(step.group.params if step.params is None else step.params)
-        self.marks[id(step.group.key)] = Marks(dict(zip(map(id, params), identity.keys(identity.grads(params)))),
+        params, grads = identity.with_grads(step.group.params if step.params is None else step.params)
+        self.marks[id(step.group.key)] = Marks(dict(zip(map(id, params), identity.keys(grads))),
                                                step.group.members, {id(opt)}, step.skipped)
 
     def end_step(self, opt) -> None:
