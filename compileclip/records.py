@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import identity
+from . import clipmath, identity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,8 +121,6 @@ def ordered_norms(runs: Sequence[BackwardRun], params: Sequence[torch.Tensor], n
     """The norm of each of ``params``' gradients (1-D float32, in ``params``' order): from the
     intact entries of ``runs`` where ``trusted``, computed now for the rest. Returns (norms,
     how many came from the backward). ``found``: ``resolve(runs, params)``, if done already."""
-    from . import clipmath
-
     device = params[0].grad.device
     if trusted and runs:
         found = found if found is not None else resolve(runs, params)

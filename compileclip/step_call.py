@@ -9,7 +9,9 @@ from typing import Any
 
 import torch
 
-from . import eager
+from torch._dynamo.exc import FailOnRecompileLimitHit
+
+from . import eager, hooks
 from .eager import is_dtensor
 
 
@@ -154,8 +156,6 @@ class CompiledStep:
         opt = self.optimizer
         if self.compiled is None or args or kwargs:
             return opt.step(*args, **kwargs)
-        from . import hooks
-
         opt._opt_called = True  # what an LR scheduler's wrapper of opt.step records
         pre, post = hooks.others(opt)
         for hook in pre:
@@ -179,10 +179,6 @@ class CompiledStep:
         return out
 
     def _call(self, opt, args, kwargs):
-        from torch._dynamo.exc import FailOnRecompileLimitHit
-
-        from . import hooks
-
         try:
             with self._fail_on_limit:
                 return self.compiled(*args, **kwargs)
