@@ -98,9 +98,11 @@ class NormRecordingBackward:
         grads = [outs[pos] for pos in self.positions]
         if identity.has_none(grads):  # a leaf that got no gradient this time
             keep = [g is not None for g in grads]
-            flat = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+            mixed = len(pieces) > 1  # one piece now, of several devices or dtypes
+            flat = torch.cat([p.to(pieces[0].device) for p in pieces]) if mixed else pieces[0]
             pieces = [flat[torch.tensor([i for i, k in enumerate(keep) if k], device=flat.device)]]
-            rt.record_run(pieces, tuple(r for r, k in zip(self.params, keep) if k), [g for g in grads if g is not None])
+            rt.record_run(pieces, tuple(r for r, k in zip(self.params, keep) if k), [g for g in grads if g is not None],
+                          mixed=mixed)
         else:
             rt.record_run(pieces, self.params, grads)
         return outs

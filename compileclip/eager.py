@@ -311,6 +311,21 @@ def unfold(rt: ClipRuntime, step: OpenStep, opt) -> None:
         rt.state_drops.append((weakref.ref(opt), state))
 
 
+def run_state_drops(rt: ClipRuntime) -> None:
+    """Drop the optimizer state that skipped first steps created (``unfold``, ``graph_done``),
+    as eager, which never stepped, has none."""
+    drops, rt.state_drops = rt.state_drops, []
+    for ref, before in drops:
+        opt = ref()
+        for p in list(opt.state) if opt is not None else ():
+            keep = before.get(p)
+            if not keep:
+                del opt.state[p]
+            else:
+                for key in [k for k in opt.state[p] if k not in keep]:
+                    del opt.state[p][key]
+
+
 def _dtensor_norms(grads: list, norm_type: float) -> torch.Tensor:
     """Each DTensor gradient's own norm, replicated (a monitor's per-parameter norms)."""
     norms = [torch.linalg.vector_norm(g, norm_type, dtype=torch.float32) for g in grads]

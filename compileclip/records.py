@@ -37,6 +37,7 @@ class BackwardRun:
     steps: int = 0  # optimizer steps begun in the process before this run (hooks.steps)
     collective: bool = False  # taken after the all-reduce (DDP's hook, ``ddp.py``), not by a graph
     ids: tuple[int, ...] = ()  # id of each parameter (filled in: the parameters live now)
+    mixed: bool = False  # one piece joined from several (device, dtype) groups' pieces
 
     def __post_init__(self) -> None:
         if not self.ids:
@@ -81,8 +82,10 @@ class Sources:
 
     @property
     def uniform(self) -> bool:
-        """``whole``, from one piece: one device and dtype (a graph returns one per group)."""
-        return self.whole is not None and len(self.runs[self.whole].pieces) == 1
+        """``whole``, from one piece of one device and dtype (a graph returns one per group, and
+        joins them where a leaf got no gradient: ``mixed``)."""
+        run = self.runs[self.whole] if self.whole is not None else None
+        return run is not None and len(run.pieces) == 1 and not run.mixed
 
     @property
     def covered(self) -> bool:

@@ -35,6 +35,14 @@ from .scope import Group, Scope
 
 _is_sparse = operator.attrgetter("is_sparse")
 _STAT = {a: f"step_{a.value}" for a in Action}  # the counter of each action
+
+
+def _may_nest(outer, opt) -> bool:
+    """Whether ``opt``'s step can run inside ``outer``'s: ``outer`` is alive, another
+    optimizer, and steps others (holds one as an attribute: ZeroRedundancyOptimizer's
+    ``optim``, accelerate's ``optimizer``)."""
+    return (outer is not None and outer is not opt
+            and any(isinstance(v, torch.optim.Optimizer) for v in vars(outer).values()))
 _MAX_RUNS = 256  # records kept between steps (a loop that never steps must not grow them)
 
 
@@ -142,7 +150,7 @@ class ClipRuntime:
         mon.record(total, thr)
 
     # -- backward: records of the norms the graphs computed ---------------------------------
-    def record_run(self, pieces, params: tuple[weakref.ref, ...], grads) -> None:
+    def record_run(self, pieces, params: tuple[weakref.ref, ...], grads, mixed: bool = False) -> None:
         """A backward graph returned the norms ``pieces`` for ``grads``, the gradients of
         ``params`` (weak references). Holding the gradients now would make autograd copy them
         instead of storing them in ``.grad``; the storages are held instead (while a storage
@@ -157,11 +165,11 @@ class ClipRuntime:
             self._task = task
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         self._pending.append((tuple(pieces), params, identity.storages(grads), identity.data_ptrs(grads),
-                              tuple(identity.versions(grads))))
+                              tuple(identity.versions(grads)), mixed))
 
     def _end_of_backward(self) -> None:
         pending, self._pending, self._task = self._pending, [], None
-        for pieces, refs, _storages, ptrs, versions in pending:
+        for pieces, refs, _storages, ptrs, versions, mixed in pending:
             params = identity.deref(refs)
             if identity.has_none(params):
                 continue
@@ -169,7 +177,7 @@ class ClipRuntime:
             # summed with another contribution, or not stored in .grad: not this run's norm
             if identity.has_none(now) or identity.data_ptrs(now) != ptrs:
                 continue
-            self.runs.append(BackwardRun(pieces, refs, tuple(now), versions, hooks.steps()))
+            self.runs.append(BackwardRun(pieces, refs, tuple(now), versions, hooks.steps(), mixed=mixed))
         del self.runs[:-_MAX_RUNS]
 
     def _note_produced(self, params: tuple[weakref.ref, ...]) -> None:
@@ -178,7 +186,9 @@ class ClipRuntime:
             produced = {}
             self._produced = (hooks.steps(), produced)
         for r in params:
-            produced[id(r())] = r
+            p = r()
+            if isinstance(p, torch.nn.Parameter):  # not an input that requires grad (FGSM)
+                produced[id(p)] = r
 
     def new_backward(self) -> None:
         """A backward began: the records and marks of earlier ones are stale."""
@@ -222,26 +232,30 @@ class ClipRuntime:
     def begin_step(self, opt, args: tuple, kwargs: dict, compiled_frame: bool, scaler_called: bool | None = None):
         """Torch's step pre-hook, for a step of an optimizer this clip owns. Returns new
         (args, kwargs) when the step's closure is wrapped."""
-        if self.open is not None and self.open.optimizer() is opt:
-            # a step of this optimizer is still open: that step raised (torch runs no post-hook
-            # then), since no optimizer's step runs inside its own. Closed, or every later step
-            # would pass for a nested one and go unclipped. Its optimizer attributes are
-            # restored (a fold's grad_scale); no marks are written: the gradients now are a
-            # later backward's
+        if self.open is not None and not _may_nest(self.open.optimizer(), opt):
+            # a step is still open that this one cannot be nested in: that step raised (torch
+            # runs no post-hook then), since an optimizer's step runs only inside its own
+            # wrapper's (ZeroRedundancyOptimizer, accelerate's AcceleratedOptimizer). Closed, or
+            # every later step would pass for a nested one and go unclipped. Its optimizer's
+            # attributes are restored (a fold's grad_scale); no marks are written: the
+            # gradients now are a later backward's
             stale, self.open, self.nested = self.open, None, 0
-            eager.unfold(self, stale, opt)
-            self.warn_once("step_raised", f"an earlier {type(opt).__name__}.step() raised before it finished; "
-                           "this step is clipped as usual")
+            stale_opt = stale.optimizer()
+            if stale_opt is not None:
+                eager.unfold(self, stale, stale_opt)
+            name = type(stale_opt).__name__ if stale_opt is not None else "optimizer"
+            self.warn_once("step_raised", f"an earlier {name}.step() raised before it finished; this step is "
+                           "clipped as usual")
         if self.open is not None:
             self.nested += 1
             return None
-        self._run_state_drops()
+        eager.run_state_drops(self)
         self.scope.check_layouts()
         self.scope.know(opt)
         group = self.scope.group(opt)
         if discover.complete_group(self, group):  # the group's other optimizers, found once
             group = self.scope.group(opt)
-        if id(opt) not in self.scope.attached and not self._produced[1].keys() <= group.members:
+        if opt not in self.scope.attached and not self._produced[1].keys() <= group.members:
             hooks.unconsumed_error(self, opt, group)
         facts, (params, grads), sources = self.facts(opt, group, args, kwargs, compiled_frame, scaler_called)
         plan = plan_step(facts)
@@ -254,6 +268,10 @@ class ClipRuntime:
         except BaseException:  # the step does not happen: no post-hook will close it
             self.open = None
             raise
+        finally:
+            # read by the clip above only: a step that raises later keeps no gradient alive
+            if step.plan.action is not Action.AFTER_CLOSURE:
+                step.grads = step.sources = None
 
     def facts(self, opt, group: Group, args: tuple, kwargs: dict, compiled_frame: bool,
               scaler_called: bool | None = None):
@@ -345,18 +363,6 @@ class ClipRuntime:
         if step is not None and step.clipped:
             self.mark_clipped(step, opt)
             self.marks[id(step.group.key)].consumers.discard(id(opt))
-
-    def _run_state_drops(self) -> None:
-        drops, self.state_drops = self.state_drops, []
-        for ref, before in drops:
-            opt = ref()
-            for p in list(opt.state) if opt is not None else ():
-                keep = before.get(p)
-                if not keep:
-                    del opt.state[p]
-                else:
-                    for key in [k for k in opt.state[p] if k not in keep]:
-                        del opt.state[p][key]
 
     # -- the compiled step graph's side of IN_GRAPH ---------------------------------------------
     def graph_done(self, opt, clipped: bool, total, thr, nonfinite, guarded: bool, state_before=None) -> None:

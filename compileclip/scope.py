@@ -117,7 +117,7 @@ class Scope:
         self.explicit: dict[int, tuple[weakref.ref, tuple[weakref.ref, ...]]] = {}
         self._version = 0  # ``version``
         self._layouts: dict[int, tuple] = {}  # id(known optimizer) -> its layout when last seen
-        self.attached: set[int] = set()  # id of each optimizer given to ``attach``: its group is named
+        self.attached: weakref.WeakSet = weakref.WeakSet()  # optimizers given to ``attach``: their group is named
         self._groups: dict[int, tuple] = {}  # id(opt) -> (version, ref, group without optimizers, their refs)
 
     @property
@@ -168,7 +168,7 @@ class Scope:
 
     def attach(self, opt: torch.optim.Optimizer, parameters: Iterable[torch.Tensor] | None) -> None:
         self.know(opt)
-        self.attached.add(id(opt))
+        self.attached.add(opt)
         if parameters is not None:
             self.explicit[id(opt)] = (weakref.ref(opt), tuple(weakref.ref(p) for p in parameters))
             self.version += 1
@@ -177,7 +177,7 @@ class Scope:
         self.optimizers = [r for r in self.optimizers if r() is not None and r() is not opt]
         self.explicit.pop(id(opt), None)
         self._layouts.pop(id(opt), None)
-        self.attached.discard(id(opt))
+        self.attached.discard(opt)
         self.version += 1
 
     # -- asking ---------------------------------------------------------------------------------

@@ -100,3 +100,23 @@ def test_writes_through_data_with_fuse_false(max_norm):
     compare_with_eager(data_write_loop, lambda: [nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))],
                        lambda ms: [torch.optim.SGD(ms[0].parameters(), lr=0.1)], whole_model(),
                        max_norm=max_norm, iterations=3, tol="bitwise", fuse=False, **AOT)
+
+
+def input_grad_loop(models, opts, clip, steps, i):
+    """FGSM-style: the input requires grad; its gradient is no optimizer's and no parameter's."""
+    (model,) = models
+    opts[0].zero_grad(set_to_none=True)
+    x = torch.randn(6, 8, requires_grad=True)
+    F.mse_loss(model(x), torch.randn(6, 4)).backward()
+    assert x.grad is not None
+    steps[0]()
+
+
+@pytest.mark.parametrize("compile_step", [False, True], ids=["eager_step", "compile_step"])
+def test_an_input_that_requires_grad_is_not_unconsumed(compile_step):
+    from harness import step_compiled, whole_model
+
+    compare_with_eager(input_grad_loop, lambda: [nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))],
+                       lambda ms: [torch.optim.SGD(ms[0].parameters(), lr=0.1)],
+                       step_compiled(compile_model=True) if compile_step else whole_model(),
+                       max_norm=ACTIVE, iterations=3, tol=None if compile_step else "bitwise", **AOT)
