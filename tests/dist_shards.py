@@ -12,6 +12,7 @@ took: the local shards (``stats["norm_local_shards"]``) or torch's DTensor one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import math
@@ -131,6 +132,22 @@ def _under_aten(event) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def _one_thread_mesh(rank: int, port: int):
+    """The process group of this rank (one thread) and a 1-D CPU mesh over the ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=300))
+    try:
+        yield init_device_mesh("cpu", (WORLD,))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def main_ops(rank: int, port: int, name: str) -> None:
     """What the clip adds to an FSDP2 step is a constant number of ops on plain tensors (the
     local shards), none on DTensors: ``opt.step()`` (SGD, foreach) of a model compiled with the
@@ -151,19 +168,13 @@ def main_ops(rank: int, port: int, name: str) -> None:
             self.names.append(("DTensor " if DTensor in types else "") + func.__name__)
             return func(*args, **(kwargs or {}))
 
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=300))
-    try:
-        from collections import Counter
+    from collections import Counter
 
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-        from compileclip import clip_backend
+    from compileclip import clip_backend
 
-        mesh = init_device_mesh("cpu", (WORLD,))
+    with _one_thread_mesh(rank, port) as mesh:
         added = {}
         for depth in (4, 32, 128, 512):
             counts = []
@@ -191,9 +202,6 @@ def main_ops(rank: int, port: int, name: str) -> None:
         first = next(iter(added.values()))
         assert all(v == first for v in added.values()), added
         assert not [n for n in first if n.startswith("DTensor")], first
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def main_step_kernels(rank: int, port: int, name: str) -> None:
@@ -210,17 +218,11 @@ def main_step_kernels(rank: int, port: int, name: str) -> None:
     from torch._inductor.utils import run_and_get_code
 
     extern = re.compile(r"\bextern_kernels\.\w+\(|\btorch\.ops\.\w+\.\w+\.\w+\(")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=300))
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-        from compileclip import clip_backend
+    from compileclip import clip_backend
 
-        mesh = init_device_mesh("cpu", (WORLD,))
+    with _one_thread_mesh(rank, port) as mesh:
         added = {}
         for depth in (2, 8):
             counts = []
@@ -245,6 +247,3 @@ def main_step_kernels(rank: int, port: int, name: str) -> None:
             added[2 * depth + 2] = (counts[1][0] - counts[0][0], counts[1][1] - counts[0][1])
         assert len(set(added.values())) == 1, added
         print(f"rank {rank}: (loop nests, extern calls) the clip adds to the compiled step: {added}")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
