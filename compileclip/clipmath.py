@@ -46,6 +46,15 @@ def eager_order(grads: Sequence[torch.Tensor]) -> list[int] | None:
     return [i for _, (_, idx) in grouped.items() for i in idx]
 
 
+def in_eager_order(grads: Sequence[torch.Tensor], groups: list[list[int]]) -> list[list[int]]:
+    """``groups`` (``group_positions``) in the order eager ``get_total_norm`` stacks them."""
+    order = eager_order(grads)
+    if order is None:
+        return groups
+    rank = {i: k for k, i in enumerate(order)}
+    return sorted(groups, key=lambda pos: rank[pos[0]])
+
+
 def norms_by_group(grads: Sequence, groups: Sequence[Sequence[int]], norm_type: float, inv_scale=None) -> list:
     """One ``compileclip::grad_norms`` call per group: a 1-D float32 tensor each."""
     return [ops.GRAD_NORMS([grads[i] for i in pos], float(norm_type), inv_scale) for pos in groups]

@@ -136,22 +136,29 @@ def unconsumed_error(rt, opt, group) -> None:
 
 
 def begin(opt, args, kwargs, compiled_frame: bool, again: bool = False, scaler_called: bool | None = None):
-    """The clips' side of a step's pre-hook (also called by ``CompiledStep``, which runs the
-    hooks itself; ``again``: the same step, planned anew after an abort; ``scaler_called``: see
-    ``eager.trusted``). Returns new (args, kwargs) when the step's closure is wrapped."""
+    """The clips' side of a step's pre-hook. Returns new (args, kwargs) when the step's closure
+    is wrapped."""
+    return begin_owned(opt, args, kwargs, compiled_frame, again, scaler_called)[1]
+
+
+def begin_owned(opt, args, kwargs, compiled_frame: bool, again: bool = False, scaler_called: bool | None = None):
+    """``begin``, for a caller that runs the hooks itself (``CompiledStep``; ``again``: the
+    same step, planned anew after an abort; ``scaler_called``: see ``eager.trusted``).
+    Returns (the owner's runtime or None, new (args, kwargs) or None)."""
     if not _clips:
-        return None
+        return None, None
     _steps[0] += not again
     rt = owner_of(opt)
     if rt is None:
-        return None
-    return rt.begin_step(opt, args, kwargs, compiled_frame, scaler_called)
+        return None, None
+    return rt, rt.begin_step(opt, args, kwargs, compiled_frame, scaler_called)
 
 
-def end(opt) -> None:
-    """The clips' side of a step's post-hook."""
-    for clip in list(_clips):
-        rt = clip._runtime
+def end(opt, owner=None) -> None:
+    """The clips' side of a step's post-hook. ``owner``: the runtime ``begin_owned`` returned;
+    when its clip is the only one, no other can have a step open (a few us a step)."""
+    runtimes = (owner,) if owner is not None and len(_clips) == 1 else [c._runtime for c in list(_clips)]
+    for rt in runtimes:
         if rt.open is not None and (rt.nested or rt.open.optimizer() is opt):
             rt.end_step(opt)
             discover.warn_if_graphless(rt, opt)

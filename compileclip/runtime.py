@@ -256,7 +256,8 @@ class ClipRuntime:
         if discover.complete_group(self, group):  # the group's other optimizers, found once
             group = self.scope.group(opt)
         if opt not in self.scope.attached and not self._produced[1].keys() <= group.members:
-            hooks.unconsumed_error(self, opt, group)
+            hooks.unconsumed_error(self, opt, group)  # may find optimizers: the group anew
+            group = self.scope.group(opt)
         facts, (params, grads), sources = self.facts(opt, group, args, kwargs, compiled_frame, scaler_called)
         plan = plan_step(facts)
         if plan.action is Action.RAISE:
@@ -322,7 +323,10 @@ class ClipRuntime:
 
     def mark_clipped(self, step: OpenStep, opt) -> None:
         """After a clip: the group's gradients as they are now, for the group's later steps."""
-        params, grads = identity.with_grads(step.group.params if step.params is None else step.params)
+        params = step.params
+        grads = identity.grads(params) if params is not None else None
+        if grads is None or identity.has_none(grads):  # (a step may set a .grad to None)
+            params, grads = identity.with_grads(step.group.params if params is None else params)
         self.marks[id(step.group.key)] = Marks(dict(zip(map(id, params), identity.keys(grads))),
                                                step.group.members, {id(opt)}, step.skipped)
 

@@ -175,6 +175,15 @@ def _shard_spec(grad_inputs) -> dict:
             "replicate": clipmath._replicated(mesh)}
 
 
+def _groups(grad_inputs) -> list[list[int]]:
+    """The gradients' positions per (device, dtype); for DTensors, in eager's stacking order
+    (``clipmath.shards_total`` stacks the local norms group after group, as eager does)."""
+    groups = clipmath.group_positions(grad_inputs)
+    if any(is_dtensor(g) for g in grad_inputs):
+        return clipmath.in_eager_order([g.to_local() for g in grad_inputs], groups)
+    return groups
+
+
 def _initializing(optimizer) -> bool:
     """The graph was traced while some parameter had no optimizer state: it creates it (SGD's
     momentum buffer; Dynamo initializes Adam's moments before tracing)."""
@@ -196,7 +205,7 @@ class _Variants:
         self.policy = mon.policy
         self.state = mon.policy_state(self.device) if mon.policy is not None else []
         self.spec = clipmath.StepClipSpec(
-            norm_type=config.norm_type, groups=tuple(map(tuple, clipmath.group_positions(grad_inputs))),
+            norm_type=config.norm_type, groups=tuple(map(tuple, _groups(grad_inputs))),
             device=self.device, devices=tuple(g.device for g in grad_inputs), ndims=tuple(g.ndim for g in grad_inputs),
             clip_norm=config.max_norm is not None, compute_norm=self.guarded or config.computes_norm,
             clip_value=config.clip_value is not None, unscale=rt.scaler is not None,

@@ -31,6 +31,7 @@ class ClippedStep:
         self.initializing = initializing
         self.cudagraphs = bool(inductor_config.triton.cudagraphs)  # outputs are reused buffers
         self._consts: dict[bool, dict] = {}  # clip -> the runtime inputs that are constants
+        self._tails: dict[tuple[bool, bool], tuple] = {}  # (clip, given) -> ``_keep_tail``
 
     def _constants(self, clip: bool) -> dict:
         """``max_norm``, ``enabled``, ``clip_value`` (kept, unless ``max_norm`` is a tensor,
@@ -45,6 +46,16 @@ class ClippedStep:
                 self._consts[clip] = values
         return values
 
+    def _keep_tail(self, clip: bool, given: bool, values: dict) -> None:
+        """Where a step's added inputs are constants followed by the handed norm (no scaler, no
+        policy state, a ``max_norm`` that is no tensor), keep them as a list: later steps skip
+        ``bind`` (a few us of a step's host time)."""
+        names = self.variants.signature(given).inputs
+        if ((names and names[-1] == "total_norm") != given or "scale" in names or "state" in names
+                or clip not in self._consts):
+            return
+        self._tails[(clip, given)] = tuple(values[n] for n in (names[:-1] if given else names))
+
     def __call__(self, *args: Any) -> Any:
         rt, dev = self.runtime, self.device
         opt = self.optimizer() if self.optimizer is not None else None
@@ -55,10 +66,15 @@ class ClippedStep:
             # a step that does not clip (clipped at the pre-hook) runs whichever variant exists
             given = next(iter(self.variants.compiled))
             handed = rt.const("zero", 0.0, torch.float32, dev) if given else None
-        values = {**self._constants(clip), "scale": scale, "total_norm": handed}
-        if self.variants.policy is not None:  # read only by the graph: updated after it, by ``finish``
-            values["state"] = self._monitor(opt).policy_state(dev)
-        full = self.variants.signature(given).bind(args, values)
+        tail = self._tails.get((clip, given)) if scale is None else None
+        if tail is not None:  # the usual step: constants, then the handed norm (if any)
+            full = [*args, *tail, handed] if given else [*args, *tail]
+        else:
+            values = {**self._constants(clip), "scale": scale, "total_norm": handed}
+            if self.variants.policy is not None:  # read only by the graph: updated after it, by ``finish``
+                values["state"] = self._monitor(opt).policy_state(dev)
+            full = self.variants.signature(given).bind(args, values)
+            self._keep_tail(clip, given, values)
         compiled, sig = self.variants.get(given, full)
         state_before = {p: set(st) for p, st in opt.state.items()} if self.initializing else None
         # Dynamo calls what a backend returns with *args, whatever ``_boxed_call`` says
@@ -164,7 +180,7 @@ class CompiledStep:
                 args, kwargs = result
         # GradScaler.step(opt) calling this object as opt.step: the frames above this one
         scaler_called = eager.called_from_grad_scaler(sys._getframe(1), eager.SCALER_FRAMES_ABOVE)
-        new = hooks.begin(opt, args, kwargs, compiled_frame=True, scaler_called=scaler_called)
+        owner, new = hooks.begin_owned(opt, args, kwargs, compiled_frame=True, scaler_called=scaler_called)
         if new is not None:
             args, kwargs = new
         try:
@@ -175,7 +191,7 @@ class CompiledStep:
         opt._optimizer_step_code()
         for hook in post:
             hook(opt, args, kwargs)
-        hooks.end(opt)
+        hooks.end(opt, owner)
         return out
 
     def _call(self, opt, args, kwargs):
