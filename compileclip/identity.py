@@ -50,18 +50,15 @@ def data_ptrs(tensors: Sequence[torch.Tensor]) -> list[int]:
     return list(map(_data_ptr_of, tensors))
 
 
-def key(t: torch.Tensor) -> tuple[int, int]:
-    """(address, version) of a gradient: which tensor it is while it lives, and whether it was
-    written since. A DTensor's address is its local shard's (its own is 0)."""
-    local = getattr(t, "_local_tensor", None)
-    return ((local if local is not None else t).data_ptr(), t._version)
+def tags(tensors: Sequence[torch.Tensor]) -> list[tuple[weakref.ref, int]]:
+    """(weak reference, version) of each tensor: which tensor it is (no other can pass for it,
+    as one at a reused address could) and whether it was written since."""
+    return list(zip(map(weakref.ref, tensors), map(_version_of, tensors)))
 
 
-def keys(tensors: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
-    """``key`` of each tensor, batched (DTensors through ``key``)."""
-    if any(getattr(t, "_local_tensor", None) is not None for t in tensors[:1]):
-        return [key(t) for t in tensors]
-    return list(zip(map(_data_ptr_of, tensors), map(_version_of, tensors)))
+def tagged(tags: Sequence, tensors: Sequence[torch.Tensor]) -> list[bool]:
+    """Per tensor: ``tags`` has its entry (``tags(...)``, or None for none), unwritten since."""
+    return [t is not None and t[0]() is x and t[1] == x._version for t, x in zip(tags, tensors)]
 
 
 def versions(tensors: Sequence[torch.Tensor]) -> list[int]:

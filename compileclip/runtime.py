@@ -69,10 +69,11 @@ class OpenStep:
 
 @dataclasses.dataclass
 class Marks:
-    """A group's gradients after its last clip in this backward: id(param) -> (data_ptr,
-    version); the group's members then; the optimizers that consumed them; the skip flag."""
+    """A group's gradients after its last clip in this backward: id(param) -> (weak reference
+    to its gradient, version); the group's members then; the optimizers that consumed them; the
+    skip flag."""
 
-    grads: dict[int, tuple[int, int]]
+    grads: dict[int, tuple[weakref.ref, int]]
     members: frozenset[int]
     consumers: set[int]
     skipped: torch.Tensor | bool = False
@@ -314,7 +315,7 @@ class ClipRuntime:
     def _clipped_state(opt, own: list, marks: Marks | None) -> tuple[Clipped, bool]:
         if marks is None or not own or id(opt) in marks.consumers:  # a second step: not this backward's
             return Clipped.NONE, False
-        same = list(map(operator.eq, map(marks.grads.get, map(id, own)), identity.keys(identity.grads(own))))
+        same = identity.tagged(list(map(marks.grads.get, map(id, own))), identity.grads(own))
         if all(same):
             return Clipped.ALL, False
         if any(same) and all(id(p) not in marks.members for p, s in zip(own, same) if not s):
@@ -327,7 +328,7 @@ class ClipRuntime:
         grads = identity.grads(params) if params is not None else None
         if grads is None or identity.has_none(grads):  # (a step may set a .grad to None)
             params, grads = identity.with_grads(step.group.params if params is None else params)
-        self.marks[id(step.group.key)] = Marks(dict(zip(map(id, params), identity.keys(grads))),
+        self.marks[id(step.group.key)] = Marks(dict(zip(map(id, params), identity.tags(grads))),
                                                step.group.members, {id(opt)}, step.skipped)
 
     def end_step(self, opt) -> None:
