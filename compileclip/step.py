@@ -270,4 +270,8 @@ class _Variants:
 
         compiled = compile_graph(self.config.inner, g, inputs, forward_rewrite=guard if self.guarded else None,
                                  config_patches=self.patches)
+        if getattr(compiled, "_torchdynamo_disable", False):
+            # ``ClippedStep`` runs inside the ``torch._dynamo.disable`` wrapper Dynamo puts around
+            # a backend's callable: the one around Inductor's own is a second (a few us a step)
+            compiled = compiled._torchdynamo_orig_callable
         return compiled, sig
