@@ -195,6 +195,16 @@ def total_of(parts: torch.Tensor, grads: list, norm_type: float, uniform: bool =
     return clipmath.total(parts if order is None else parts[torch.tensor(order, device=parts.device)], norm_type)
 
 
+def step_total(step: OpenStep, parts: torch.Tensor, grads: list, norm_type: float) -> torch.Tensor:
+    """The total norm of ``step``'s gradients from their norms ``parts``: where one backward
+    run's single piece gave them all, that graph's own total (the same ``vector_norm`` of the
+    same norms, taken in its operator call: no eager op at the step)."""
+    if _uniform(step):
+        total = step.sources.runs[step.sources.whole].total
+        return total if total is not None else total_of(parts, None, norm_type, uniform=True)
+    return total_of(parts, grads, norm_type)
+
+
 def _uniform(step: OpenStep) -> bool:
     """Every norm came from one backward run's single piece: one device and dtype, so the
     norms are stacked in the gradients' order, as eager's."""
@@ -225,7 +235,7 @@ def clip_group(rt: ClipRuntime, step: OpenStep, opt) -> None:
             rt.stats["norm_local_shards"] += 1
         else:
             parts = group_norms(rt, params, step.plan.use_backward, step)
-            total = total_of(parts, grads, cfg.norm_type, uniform=_uniform(step))
+            total = step_total(step, parts, grads, cfg.norm_type)
             if mon.per_param:
                 mon.record_param_norms(parts, [weakref.ref(p) for p in params])
         if cfg.error_if_nonfinite and not bool(torch.isfinite(total)):
@@ -354,8 +364,7 @@ def hand_norm(rt: ClipRuntime, step: OpenStep, opt) -> None:
     params = step.params
     mon = rt.monitor(step.group)
     parts = group_norms(rt, params, step.plan.use_backward, step)
-    uniform = _uniform(step)
-    total = step.handed = total_of(parts, None if uniform else step.grads, cfg.norm_type, uniform=uniform)
+    total = step.handed = step_total(step, parts, step.grads, cfg.norm_type)
     if mon.per_param:
         mon.record_param_norms(parts, [weakref.ref(p) for p in params])
     if step.group.is_exactly(opt):

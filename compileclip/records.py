@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import typing
 import weakref
 from collections.abc import Sequence
 
@@ -38,6 +39,7 @@ class BackwardRun:
     collective: bool = False  # taken after the all-reduce (DDP's hook, ``ddp.py``), not by a graph
     ids: tuple[int, ...] = ()  # id of each parameter (filled in: the parameters live now)
     mixed: bool = False  # one piece joined from several (device, dtype) groups' pieces
+    total: torch.Tensor | None = None  # the norm of ``pieces[0]`` (one piece), the graph's own
 
     def __post_init__(self) -> None:
         if not self.ids:
@@ -69,12 +71,12 @@ class BackwardRun:
         return [n is g and v != w for n, g, v, w in zip(now, self.grads, vers, self.versions)]
 
 
-@dataclasses.dataclass(frozen=True)
-class Sources:
+class Sources(typing.NamedTuple):
     """Where the norms of a step's gradients come from, decided once per step (the plan asks
     whether they are covered, the clip then takes them). ``whole``: the run that holds exactly
     these gradients' norms, in this order, all intact (the usual case: one backward graph);
-    otherwise ``each``: ``(run, position)`` or None per gradient (``assign_norms``)."""
+    otherwise ``each``: ``(run, position)`` or None per gradient (``assign_norms``). A named
+    tuple: made at every step, cheaper than a frozen dataclass."""
 
     runs: tuple[BackwardRun, ...]
     whole: int | None = None
