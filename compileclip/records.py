@@ -94,13 +94,15 @@ class Sources(typing.NamedTuple):
         return self.whole is not None or (self.each is not None and all(s is not None for s in self.each))
 
 
-def resolve(runs: Sequence[BackwardRun], params: Sequence[torch.Tensor], grads: Sequence | None = None) -> Sources:
+def resolve(runs: Sequence[BackwardRun], params: Sequence[torch.Tensor], grads: Sequence | None = None,
+            ids: tuple[int, ...] | None = None) -> Sources:
     """``Sources`` of ``params``' norms among ``runs`` (their ``.grad`` as it is now, which is
-    ``grads`` when given)."""
+    ``grads`` when given; ``ids``: their ids, if known)."""
     runs = tuple(runs)
     if not runs or not params:
         return Sources(runs, each=(None,) * len(params))
-    ids = tuple(map(id, params))
+    if ids is None:
+        ids = tuple(map(id, params))
     for r, run in enumerate(runs):
         if run.ids == ids and run.all_intact(grads):
             return Sources(runs, whole=r)

@@ -256,7 +256,7 @@ class ClipRuntime:
         group = self.scope.group(opt)
         if discover.complete_group(self, group):  # the group's other optimizers, found once
             group = self.scope.group(opt)
-        if opt not in self.scope.attached and not self._produced[1].keys() <= group.members:
+        if not self._produced[1].keys() <= group.members and opt not in self.scope.attached:
             hooks.unconsumed_error(self, opt, group)  # may find optimizers: the group anew
             group = self.scope.group(opt)
         facts, (params, grads), sources = self.facts(opt, group, args, kwargs, compiled_frame, scaler_called)
@@ -285,7 +285,9 @@ class ClipRuntime:
         clipped, grew = self._clipped_state(opt, own, self.marks.get(id(group.key)))
         # the records, checked once for the step (the plan asks whether they cover it, the clip
         # then takes their norms)
-        sources = resolve(self.usable_runs(), params, grads) if self.runs and params else None
+        ids = group.ids if len(params) == len(group.params) else None  # (all have a .grad)
+        sources = resolve(self.usable_runs(), params, grads, ids) if self.runs and params else None
+        ready = opt in self.graph_ready
         closure = (args[1] if len(args) > 1 else kwargs.get("closure")) is not None
         stage = None
         if self.scaler is not None:
@@ -294,7 +296,7 @@ class ClipRuntime:
             grads=len(params), excluded=group.explicit and not group.params,
             clipped=clipped, group_grew=grew,
             closure=closure,
-            compiled_frame=compiled_frame, graph_ready=opt in self.graph_ready,
+            compiled_frame=compiled_frame, graph_ready=ready,
             group_is_step=own is params or identity.ids(params) == identity.ids(own),
             # a graph's gradient is dense: only those the records do not cover are looked at
             sparse=not (sources is not None and sources.whole is not None) and any(map(_is_sparse, grads)),
@@ -302,7 +304,7 @@ class ClipRuntime:
             fuse=cfg.fuse, computes_norm=cfg.computes_norm,
             # only records need trust
             trusted=eager.trusted(self, scaler_called) if self.runs or closure else True,
-            backward_covers_step=compiled_frame and opt in self.graph_ready and sources is not None and sources.covered,
+            backward_covers_step=compiled_frame and ready and sources is not None and sources.covered,
             scaler_stage=stage, grad_scale_set=getattr(opt, "grad_scale", None) is not None,
             skip_nonfinite=cfg.skip_nonfinite, error_if_nonfinite=cfg.error_if_nonfinite,
             fused_kernel=eager.fused_kernel(opt),

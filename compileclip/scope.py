@@ -22,8 +22,8 @@ before its first step.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
+import typing
 import weakref
 from collections.abc import Iterable
 
@@ -81,10 +81,10 @@ class Unit:
         return type(mods[0]).__name__ if mods else f"a compiled function of {len(self.leaves)} leaves"
 
 
-@dataclasses.dataclass(frozen=True)
-class Group:
+class Group(typing.NamedTuple):
     """The parameters one step clips (eager order), the optimizers that share them, and the
-    key of the group (its first known optimizer, for its monitor)."""
+    key of the group (its first known optimizer, for its monitor). A named tuple: made at
+    every step (its optimizers are cached weakly), cheaper than a frozen dataclass."""
 
     params: tuple[torch.Tensor, ...]
     optimizers: tuple[torch.optim.Optimizer, ...]
@@ -93,6 +93,7 @@ class Group:
     units: tuple[Unit, ...] = ()
     members: frozenset[int] = frozenset()  # id of each of ``params``
     exact: frozenset[int] = frozenset()  # id of each optimizer whose parameters are ``params``, in order
+    ids: tuple[int, ...] = ()  # id of each of ``params``, in order
 
     def is_exactly(self, opt) -> bool:
         """``opt`` holds exactly the group's parameters, in the group's order."""
@@ -114,6 +115,7 @@ class Scope:
     def __init__(self) -> None:
         self.units: list[Unit] = []
         self.optimizers: list[weakref.ref] = []  # known optimizers, in the order they became known
+        self._known: dict[int, weakref.ref] = {}  # id(known optimizer) -> its reference
         self.explicit: dict[int, tuple[weakref.ref, tuple[weakref.ref, ...]]] = {}
         self._version = 0  # ``version``
         self._layouts: dict[int, tuple] = {}  # id(known optimizer) -> its layout when last seen
@@ -150,8 +152,12 @@ class Scope:
             self.version += 1
 
     def know(self, opt: torch.optim.Optimizer) -> None:
+        known = self._known.get(id(opt))
+        if known is not None and known() is opt:  # at every step: no walk over the optimizers
+            return
         if not any(r() is opt for r in self.optimizers):
             self.optimizers.append(weakref.ref(opt))
+            self._known[id(opt)] = self.optimizers[-1]
             self._layouts[id(opt)] = layout(opt)
             self.version += 1
 
@@ -175,6 +181,7 @@ class Scope:
 
     def detach(self, opt: torch.optim.Optimizer) -> None:
         self.optimizers = [r for r in self.optimizers if r() is not None and r() is not opt]
+        self._known.pop(id(opt), None)
         self.explicit.pop(id(opt), None)
         self._layouts.pop(id(opt), None)
         self.attached.discard(opt)
@@ -201,13 +208,13 @@ class Scope:
             opts = tuple(r() for r in cached[3])  # weakly: a cached group keeps no optimizer alive
             if not any(o is None for o in opts):
                 g = cached[2]
-                return Group(g.params, opts, opts[0], g.explicit, g.units, g.members, g.exact)
+                return Group(g.params, opts, opts[0], g.explicit, g.units, g.members, g.exact, g.ids)
         g = self._decide(opt)
         ids = tuple(map(id, g.params))
         exact = frozenset(id(o) for o in g.optimizers if tuple(map(id, _opt_params(o))) == ids)
-        g = dataclasses.replace(g, members=frozenset(ids), exact=exact)
+        g = g._replace(members=frozenset(ids), exact=exact, ids=ids)
         ref = weakref.ref(opt, lambda _, key=id(opt), groups=self._groups: groups.pop(key, None))
-        self._groups[id(opt)] = (self.version, ref, dataclasses.replace(g, optimizers=(), key=None),
+        self._groups[id(opt)] = (self.version, ref, g._replace(optimizers=(), key=None),
                                  tuple(map(weakref.ref, g.optimizers)))
         return g
 
