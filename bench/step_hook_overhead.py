@@ -8,7 +8,8 @@ that the Python around the kernels is what is measured.
 Each step follows a fresh backward (untimed); only the step call is timed. One repetition times
 ``--steps`` steps of every variant, the plain one while the clip's global step hooks are
 unregistered (as in a process without a clip). Printed: median [min, max] over repetitions of
-the mean time per step, and the ratio of the medians to plain.
+the median time per step, the ratio of the medians to plain, and the median [min, max] of the
+ratios of each repetition to plain's in the same repetition.
 """
 
 from __future__ import annotations
@@ -40,14 +41,16 @@ class Variant:
         self.x = torch.randn(2, 4)
 
     def block(self, steps: int) -> float:
-        total = 0.0
+        """The median of ``steps`` step calls, in seconds (a median: a step the machine's
+        neighbours or the garbage collector slowed does not move it)."""
+        times = []
         for _ in range(steps):
             self.opt.zero_grad(set_to_none=True)
             self.run(self.x).sum().backward()
             t = time.perf_counter()
             self.step()
-            total += time.perf_counter() - t
-        return total / steps
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
 
 
 def measure(n: int, reps: int, steps: int) -> dict[str, list[float]]:
@@ -86,9 +89,13 @@ def main() -> None:
         times = measure(n, args.reps, args.steps)
         base = statistics.median(times["plain torch.compile(opt.step)"])
         print(f"{n} tensors")
+        plain = times["plain torch.compile(opt.step)"]
         for name, ts in times.items():
             med = statistics.median(ts)
-            print(f"  {name:45s} {med * 1e6:8.1f} [{min(ts) * 1e6:.1f}, {max(ts) * 1e6:.1f}]  {med / base:5.2f}x")
+            # the ratio of each repetition to plain's in the same repetition (paired): median [min, max]
+            ratios = sorted(t / p for t, p in zip(ts, plain))
+            print(f"  {name:45s} {med * 1e6:8.1f} [{min(ts) * 1e6:.1f}, {max(ts) * 1e6:.1f}]  {med / base:5.2f}x"
+                  f"  paired {statistics.median(ratios):5.2f}x [{ratios[0]:.2f}, {ratios[-1]:.2f}]")
 
 
 if __name__ == "__main__":
