@@ -46,9 +46,12 @@ def eager_order(grads: Sequence[torch.Tensor]) -> list[int] | None:
     return [i for _, (_, idx) in grouped.items() for i in idx]
 
 
-def in_eager_order(grads: Sequence[torch.Tensor], groups: list[list[int]]) -> list[list[int]]:
-    """``groups`` (``group_positions``) in the order eager ``get_total_norm`` stacks them."""
-    order = eager_order(grads)
+def step_groups(grads: Sequence[torch.Tensor], dtensor: bool) -> list[list[int]]:
+    """The positions of a compiled step's gradients per (device, dtype) (their local shards for
+    ``dtensor``): in order of first appearance, or for DTensors in the order eager
+    ``get_total_norm`` stacks them (``shards_total`` stacks the pieces group after group)."""
+    groups = group_positions(grads)
+    order = eager_order(grads) if dtensor else None
     if order is None:
         return groups
     rank = {i: k for k, i in enumerate(order)}

@@ -157,7 +157,8 @@ class Scope:
             return
         if not any(r() is opt for r in self.optimizers):
             self.optimizers.append(weakref.ref(opt))
-            self._known[id(opt)] = self.optimizers[-1]
+            # dropped with the optimizer (before another object can take its id)
+            self._known[id(opt)] = weakref.ref(opt, lambda _, key=id(opt), known=self._known: known.pop(key, None))
             self._layouts[id(opt)] = layout(opt)
             self.version += 1
 

@@ -176,12 +176,9 @@ def _shard_spec(grad_inputs) -> dict:
 
 
 def _groups(grad_inputs) -> list[list[int]]:
-    """The gradients' positions per (device, dtype); for DTensors, in eager's stacking order
-    (``clipmath.shards_total`` stacks the local norms group after group, as eager does)."""
-    groups = clipmath.group_positions(grad_inputs)
-    if any(is_dtensor(g) for g in grad_inputs):
-        return clipmath.in_eager_order([g.to_local() for g in grad_inputs], groups)
-    return groups
+    """The gradients' positions per (device, dtype) (``clipmath.step_groups``)."""
+    dtensor = any(is_dtensor(g) for g in grad_inputs)
+    return clipmath.step_groups([g.to_local() for g in grad_inputs] if dtensor else grad_inputs, dtensor)
 
 
 def _initializing(optimizer) -> bool:
@@ -270,8 +267,10 @@ class _Variants:
 
         compiled = compile_graph(self.config.inner, g, inputs, forward_rewrite=guard if self.guarded else None,
                                  config_patches=self.patches)
-        if getattr(compiled, "_torchdynamo_disable", False):
-            # ``ClippedStep`` runs inside the ``torch._dynamo.disable`` wrapper Dynamo puts around
-            # a backend's callable: the one around Inductor's own is a second (a few us a step)
-            compiled = compiled._torchdynamo_orig_callable
+        inner = getattr(compiled, "_torchdynamo_orig_callable", None)
+        if getattr(compiled, "_torchdynamo_disable", False) and inner is not None:
+            # ``ClippedStep`` runs only inside the ``torch._dynamo.disable`` wrapper Dynamo puts
+            # around a backend's callable (no frame evaluation): the one around Inductor's own
+            # is a second (a few us a step)
+            compiled = inner
         return compiled, sig
