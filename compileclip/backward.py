@@ -3,8 +3,7 @@ wrapper that records it with the gradients it covers (``ClipRuntime.record_run``
 
 The gradients themselves are left as they are: only the optimizer step knows whether they are
 final. The norm is ``compileclip::grad_norms`` (one extern kernel per device and dtype, eager's
-``_foreach_norm``; ``norms_and_total`` where there is one, whose total a step whose gradients
-are exactly this graph's uses instead of calling ``vector_norm`` itself), which reads the gradients as the graph returns them, bf16/fp16 ones after
+``_foreach_norm``), which reads the gradients as the graph returns them, bf16/fp16 ones after
 their rounding, as eager reads ``.grad`` (an Inductor reduction fused into the producer read
 them before rounding: 2.9e-5 apart on a bf16 MLP).
 """
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from . import clipmath, identity, ops
+from . import clipmath, identity
 from .passes import GraphSignature, insert_grad_norm, output_values
 from .runtime import ClipRuntime
 
@@ -52,9 +51,6 @@ def norm_in_backward(rt: ClipRuntime, leaf_idx: dict[int, Any], gm: fx.GraphModu
         inputs["inv_scale"] = torch.empty((), dtype=torch.float32, device=device)
 
     def norms(grads, inp):
-        if len(groups) == 1:  # one device and dtype: the same call gives their total, as a step takes it
-            parts, total = ops.NORMS_AND_TOTAL(grads, float(p), inp.get("inv_scale"))
-            return {"norms_0": parts, "total": total}
         pieces = clipmath.norms_by_group(grads, groups, p, inp.get("inv_scale"))
         return {f"norms_{k}": piece for k, piece in enumerate(pieces)}
 
@@ -96,11 +92,9 @@ class NormRecordingBackward:
         full = self.sig.bind(args, values)
         args.clear()  # boxed convention: the callee owns the inputs
         outs, added = self.sig.split(list(self.compiled(full)))
-        total = added.pop("total", None)
         pieces = list(added.values())
         if self.cudagraphs:  # the next replay overwrites them
             pieces = [t.clone() for t in pieces]
-            total = total.clone() if total is not None else None
         grads = [outs[pos] for pos in self.positions]
         if identity.has_none(grads):  # a leaf that got no gradient this time
             keep = [g is not None for g in grads]
@@ -110,5 +104,5 @@ class NormRecordingBackward:
             rt.record_run(pieces, tuple(r for r, k in zip(self.params, keep) if k), [g for g in grads if g is not None],
                           mixed=mixed)
         else:
-            rt.record_run(pieces, self.params, grads, total=total)
+            rt.record_run(pieces, self.params, grads)
         return outs

@@ -196,13 +196,10 @@ def total_of(parts: torch.Tensor, grads: list, norm_type: float, uniform: bool =
 
 
 def step_total(step: OpenStep, parts: torch.Tensor, grads: list, norm_type: float) -> torch.Tensor:
-    """The total norm of ``step``'s gradients from their norms ``parts``: where one backward
-    run's single piece gave them all, that graph's own total (the same ``vector_norm`` of the
-    same norms, taken in its operator call: no eager op at the step)."""
-    if _uniform(step):
-        total = step.sources.runs[step.sources.whole].total
-        return total if total is not None else total_of(parts, None, norm_type, uniform=True)
-    return total_of(parts, grads, norm_type)
+    """The total norm of ``step``'s gradients from their norms ``parts`` (stacked in eager's
+    order unless one backward run's single piece gave them all)."""
+    uniform = _uniform(step)
+    return total_of(parts, None if uniform else grads, norm_type, uniform=uniform)
 
 
 def _uniform(step: OpenStep) -> bool:

@@ -39,7 +39,6 @@ class BackwardRun:
     collective: bool = False  # taken after the all-reduce (DDP's hook, ``ddp.py``), not by a graph
     ids: tuple[int, ...] = ()  # id of each parameter (filled in: the parameters live now)
     mixed: bool = False  # one piece joined from several (device, dtype) groups' pieces
-    total: torch.Tensor | None = None  # the norm of ``pieces[0]`` (one piece), the graph's own
 
     def __post_init__(self) -> None:
         if not self.ids:

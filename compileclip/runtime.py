@@ -151,7 +151,7 @@ class ClipRuntime:
         mon.record(total, thr)
 
     # -- backward: records of the norms the graphs computed ---------------------------------
-    def record_run(self, pieces, params: tuple[weakref.ref, ...], grads, mixed: bool = False, total=None) -> None:
+    def record_run(self, pieces, params: tuple[weakref.ref, ...], grads, mixed: bool = False) -> None:
         """A backward graph returned the norms ``pieces`` for ``grads``, the gradients of
         ``params`` (weak references). Holding the gradients now would make autograd copy them
         instead of storing them in ``.grad``; the storages are held instead (while a storage
@@ -166,11 +166,11 @@ class ClipRuntime:
             self._task = task
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         self._pending.append((tuple(pieces), params, identity.storages(grads), identity.data_ptrs(grads),
-                              tuple(identity.versions(grads)), mixed, total))
+                              tuple(identity.versions(grads)), mixed))
 
     def _end_of_backward(self) -> None:
         pending, self._pending, self._task = self._pending, [], None
-        for pieces, refs, _storages, ptrs, versions, mixed, total in pending:
+        for pieces, refs, _storages, ptrs, versions, mixed in pending:
             params = identity.deref(refs)
             if identity.has_none(params):
                 continue
@@ -178,7 +178,7 @@ class ClipRuntime:
             # summed with another contribution, or not stored in .grad: not this run's norm
             if identity.has_none(now) or identity.data_ptrs(now) != ptrs:
                 continue
-            self.runs.append(BackwardRun(pieces, refs, tuple(now), versions, hooks.steps(), mixed=mixed, total=total))
+            self.runs.append(BackwardRun(pieces, refs, tuple(now), versions, hooks.steps(), mixed=mixed))
         del self.runs[:-_MAX_RUNS]
 
     def _note_produced(self, params: tuple[weakref.ref, ...]) -> None:
