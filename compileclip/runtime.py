@@ -234,12 +234,9 @@ class ClipRuntime:
         """Torch's step pre-hook, for a step of an optimizer this clip owns. Returns new
         (args, kwargs) when the step's closure is wrapped."""
         if self.open is not None and not _may_nest(self.open.optimizer(), opt):
-            # a step is still open that this one cannot be nested in: that step raised (torch
-            # runs no post-hook then), since an optimizer's step runs only inside its own
-            # wrapper's (ZeroRedundancyOptimizer, accelerate's AcceleratedOptimizer). Closed, or
-            # every later step would pass for a nested one and go unclipped. Its optimizer's
-            # attributes are restored (a fold's grad_scale); no marks are written: the
-            # gradients now are a later backward's
+            # an open step this one cannot nest in (only a wrapper's can hold another): it raised
+            # (no post-hook). Closed, or every later step would pass for a nested one, unclipped;
+            # its optimizer's attributes restored (a fold's grad_scale); no marks (a later backward's)
             stale, self.open, self.nested = self.open, None, 0
             stale_opt = stale.optimizer()
             if stale_opt is not None:
