@@ -38,9 +38,8 @@ _STAT = {a: f"step_{a.value}" for a in Action}  # the counter of each action
 
 
 def _may_nest(outer, opt) -> bool:
-    """Whether ``opt``'s step can run inside ``outer``'s: ``outer`` is alive, another
-    optimizer, and steps others (holds one as an attribute: ZeroRedundancyOptimizer's
-    ``optim``, accelerate's ``optimizer``)."""
+    """``opt``'s step can run inside ``outer``'s: alive, another optimizer, holding one as an
+    attribute (ZeroRedundancyOptimizer's ``optim``, accelerate's ``optimizer``)."""
     return (outer is not None and outer is not opt
             and any(isinstance(v, torch.optim.Optimizer) for v in vars(outer).values()))
 _MAX_RUNS = 256  # records kept between steps (a loop that never steps must not grow them)
