@@ -161,6 +161,14 @@ def per_model_clips(models, opts, make):
     return [torch.compile(m, backend=c) for m, c in zip(models, clips)], [Step(o, c) for o, c in zip(opts, clips)]
 
 
+def per_model_clips_steps(models, opts, make):
+    """``per_model_clips``, each optimizer's step through its clip's ``compile_step``: with two
+    clips alive, every post-hook looks at both clips' open steps."""
+    clips = [make() for _ in models]
+    return ([torch.compile(m, backend=c) for m, c in zip(models, clips)],
+            [Step(o, c, fn=c.compile_step(o)) for o, c in zip(opts, clips)])
+
+
 def regional(models, opts, make):
     """Regional compilation: ``blk.compile(backend=clip)`` for each of ``model.blocks``."""
     clip = make()

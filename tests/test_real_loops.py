@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import models
 from harness import (ACTIVE, EagerClip, INACTIVE, compare_with_eager, compiled_side, eager_side, in_fresh_process,  # noqa: F401
-                   isolated, per_model_clips, regional, step_compiled, train, whole_model)
+                   isolated, per_model_clips, per_model_clips_steps, regional, step_compiled, train, whole_model)
 
 AOT = {"inner": "aot_eager"}  # the same graphs without Inductor: fast compiles
 
@@ -164,9 +164,10 @@ def gan_loop(models_, opts, clip, steps, i):
     step_g()
 
 
-@pytest.mark.parametrize("clips", ["one_clip", "clip_per_model"])
+@pytest.mark.parametrize("clips", ["one_clip", "clip_per_model", "clip_per_model_compiled_steps"])
 def test_gan(max_norm, clips):
-    setup = whole_model() if clips == "one_clip" else per_model_clips
+    setup = {"one_clip": whole_model(), "clip_per_model": per_model_clips,
+             "clip_per_model_compiled_steps": per_model_clips_steps}[clips]
     compare_with_eager(gan_loop, gan_models, gan_opts, setup, max_norm=max_norm, **AOT)
 
 
