@@ -21,7 +21,8 @@ from .backward import norm_in_backward
 from .compiling import compile_graph, inductor_patches
 from .config import ClipConfig
 from .runtime import ClipRuntime
-from .step import compile_step_graph, is_fused, is_step_graph, is_wrapper
+from .scope import is_wrapper
+from .step import compile_step_graph, is_fused, is_step_graph
 from .step_call import CompiledStep
 
 

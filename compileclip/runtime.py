@@ -38,10 +38,10 @@ _STAT = {a: f"step_{a.value}" for a in Action}  # the counter of each action
 
 
 def _may_nest(outer, opt) -> bool:
-    """``opt``'s step can run inside ``outer``'s: alive, another optimizer, holding one as an
-    attribute (ZeroRedundancyOptimizer's ``optim``, accelerate's ``optimizer``)."""
-    return (outer is not None and outer is not opt
-            and any(isinstance(v, torch.optim.Optimizer) for v in vars(outer).values()))
+    """``opt``'s step can run inside ``outer``'s: alive, another optimizer, a wrapper."""
+    return outer is not None and outer is not opt and scope_mod.is_wrapper(outer)
+
+
 _MAX_RUNS = 256  # records kept between steps (a loop that never steps must not grow them)
 
 

@@ -43,6 +43,13 @@ def bump() -> None:
     _EPOCH[0] += 1
 
 
+def is_wrapper(opt) -> bool:
+    """Whether ``opt`` steps another optimizer it holds as an attribute
+    (``ZeroRedundancyOptimizer``'s ``optim``, accelerate's ``optimizer``): that one's step runs
+    inside ``opt``'s."""
+    return any(isinstance(v, torch.optim.Optimizer) for v in vars(opt).values())
+
+
 def _trainable(t) -> bool:
     return isinstance(t, torch.Tensor) and t.requires_grad
 

@@ -42,12 +42,6 @@ def is_fused(opt: torch.optim.Optimizer) -> bool:
     return any(group.get("fused") for group in opt.param_groups) or bool(opt.defaults.get("fused"))
 
 
-def is_wrapper(opt: torch.optim.Optimizer) -> bool:
-    """Whether ``opt`` steps another optimizer (``ZeroRedundancyOptimizer``): its step is not one
-    graph of gradients and updates, so ``compile_step`` leaves it eager."""
-    return any(isinstance(v, torch.optim.Optimizer) for v in vars(opt).values())
-
-
 def _frame_optimizers() -> list[torch.optim.Optimizer]:
     """The optimizers in the locals of the frame Dynamo is compiling: ``self`` of ``step``, in
     the ``args`` of a decorator's wrapper (``@torch.no_grad()`` on a user's ``step``), or the
