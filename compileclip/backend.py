@@ -111,8 +111,8 @@ class ClipBackend:
     @property
     def total_norm(self) -> torch.Tensor:
         """Pre-clip total norm of the gradients of the last optimizer step this clip clipped
-        (0-d float32, on the gradients' device, no host sync): eager ``clip_grad_norm_``'s return
-        value. Read it after ``opt.step()``."""
+        (0-d float32, float64 for float64 gradients, on the gradients' device, no host sync):
+        eager ``clip_grad_norm_``'s return value. Read it after ``opt.step()``."""
         if not self.config.computes_norm:
             raise RuntimeError(
                 "compileclip: clip_backend(max_norm=None, clip_value=...) clips values only "

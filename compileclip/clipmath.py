@@ -145,7 +145,7 @@ def dtensor_total(grads: Sequence, norm_type: float):
     p = float(norm_type)
     parts = []
     for g in grads:
-        g = g.to(torch.float32)
+        g = g.to(ops.norm_dtype(g.dtype))
         if math.isinf(p):
             parts.append(torch.amax(torch.abs(g)))
         elif p == 2.0:
@@ -213,6 +213,7 @@ class StepClipSpec:
     # group of each reduced mesh dimension, and the function that replicates the total
     shard_groups: tuple[str, ...] | None = None
     replicate: object = None
+    norm_dtype: torch.dtype = torch.float32  # of the total norm (float64 for float64 gradients)
 
 
 def _on(x, dev, spec: StepClipSpec):

@@ -4,9 +4,10 @@ Inductor does not look inside a custom operator: it calls it as one extern kerne
 tensors it reads are materialized. So the graphs get a constant number of kernels for the norm,
 whatever the number of gradients, and the eager clip calls the very same functions:
 
-- ``compileclip::grad_norms(grads, norm_type, inv_scale)``: the float32 norm of each gradient of
-  one (device, dtype) group, stacked (1-D): eager ``clip_grad_norm_``'s ``torch._foreach_norm``
-  (a multi-tensor kernel on CUDA, a loop in C++ on CPU). It reads the gradients as they are
+- ``compileclip::grad_norms(grads, norm_type, inv_scale)``: the norm of each gradient of one
+  (device, dtype) group, stacked (1-D; float32, float64 for float64 and complex128:
+  ``norm_dtype``): eager ``clip_grad_norm_``'s ``torch._foreach_norm`` (a multi-tensor kernel
+  on CUDA, a loop in C++ on CPU). It reads the gradients as they are
   stored (bf16 ones after their rounding), as eager reads ``.grad``. ``inv_scale`` (a
   GradScaler's inverse scale) multiplies them first, in their dtype, as ``GradScaler.unscale_``.
 - ``compileclip::norms_and_total(grads, norm_type, inv_scale)``: those norms and the norm of
@@ -33,15 +34,27 @@ from . import thresholds
 _LIB = torch.library.Library("compileclip", "DEF")
 
 
+_LOW = (torch.bfloat16, torch.float16)
+
+
+def norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a gradient's norm: float32 for float32 and lower precision (accumulated in
+    float32 where eager rounds to bf16/fp16), else eager's own: the real dtype of the gradient
+    (float64 for float64 and complex128, float32 for complex64)."""
+    return torch.float32 if dtype in _LOW else dtype.to_real()
+
+
 def _foreach_norms(grads: list[torch.Tensor], norm_type: float) -> list[torch.Tensor]:
     dev = grads[0].device
+    kw = {"dtype": torch.float32} if grads[0].dtype in _LOW else {}  # otherwise eager's call
     if dev.type in ("cpu", "cuda", "xpu"):
-        return list(torch._foreach_norm(grads, norm_type, dtype=torch.float32))
-    return [torch.linalg.vector_norm(g, norm_type, dtype=torch.float32) for g in grads]
+        return list(torch._foreach_norm(grads, norm_type, **kw))
+    return [torch.linalg.vector_norm(g, norm_type, **kw) for g in grads]
 
 
 def grad_norms(grads: Sequence[torch.Tensor], norm_type: float, inv_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The float32 ``norm_type``-norm of each of ``grads`` (one device and dtype), stacked."""
+    """The ``norm_type``-norm of each of ``grads`` (one device and dtype), stacked, in
+    ``norm_dtype`` of their dtype."""
     if not grads:
         raise ValueError("compileclip::grad_norms needs at least one gradient")
     grads = list(grads)
@@ -56,7 +69,7 @@ _LIB.impl("grad_norms", grad_norms, "CompositeExplicitAutograd")
 
 @torch.library.register_fake("compileclip::grad_norms")
 def _(grads, norm_type, inv_scale=None):
-    return grads[0].new_empty((len(grads),), dtype=torch.float32)
+    return grads[0].new_empty((len(grads),), dtype=norm_dtype(grads[0].dtype))
 
 
 GRAD_NORMS = torch.ops.compileclip.grad_norms.default
@@ -80,7 +93,8 @@ _LIB.impl("norms_and_total", norms_and_total, "CompositeExplicitAutograd")
 
 @torch.library.register_fake("compileclip::norms_and_total")
 def _(grads, norm_type, inv_scale=None):
-    return grads[0].new_empty((len(grads),), dtype=torch.float32), grads[0].new_empty((), dtype=torch.float32)
+    dtype = norm_dtype(grads[0].dtype)
+    return grads[0].new_empty((len(grads),), dtype=dtype), grads[0].new_empty((), dtype=dtype)
 
 
 NORMS_AND_TOTAL = torch.ops.compileclip.norms_and_total.default

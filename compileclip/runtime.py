@@ -122,13 +122,15 @@ class ClipRuntime:
             t = self._consts[(key, device)] = torch.tensor(value, dtype=dtype, device=device)
         return t
 
-    def max_norm_on(self, device: torch.device) -> torch.Tensor:
+    def max_norm_on(self, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``max_norm`` as a 0-d tensor in the total norm's dtype (float64: eager's Python float
+        multiplies a float64 norm unrounded)."""
         mn = self.config.max_norm
         if mn is None or isinstance(mn, POLICIES):
             return self.const("inf", math.inf, torch.float32, device)  # not read
         if isinstance(mn, torch.Tensor):  # may change in place between steps
-            return mn if mn.device == device and mn.dtype == torch.float32 else mn.to(device, torch.float32)
-        return self.const("max_norm", mn, torch.float32, device)
+            return mn if mn.device == device and mn.dtype == dtype else mn.to(device, dtype)
+        return self.const(("max_norm", dtype), mn, dtype, device)
 
     def scale_on(self, device: torch.device) -> torch.Tensor:
         """The attached GradScaler's current scale (1 before its first ``scale()``)."""

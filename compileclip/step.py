@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx as fx
 
-from . import clipmath
+from . import clipmath, ops
 from .compiling import compile_graph
 from .eager import is_dtensor
 from .passes import GraphSignature, copy_graph, grad_placeholders, guard_input_mutations, insert_step_clip
@@ -175,6 +175,13 @@ def _groups(grad_inputs) -> list[list[int]]:
     return clipmath.step_groups([g.to_local() for g in grad_inputs] if dtensor else grad_inputs, dtensor)
 
 
+def _norm_dtype(grad_inputs) -> torch.dtype:
+    """The total norm's dtype: float64 where a gradient is float64 (eager stacks the norms,
+    which promotes), else float32."""
+    dtypes = {ops.norm_dtype((g.to_local() if is_dtensor(g) else g).dtype) for g in grad_inputs}
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
 def _initializing(optimizer) -> bool:
     """The graph was traced while some parameter had no optimizer state: it creates it (SGD's
     momentum buffer; Dynamo initializes Adam's moments before tracing)."""
@@ -203,7 +210,7 @@ class _Variants:
             dtensor=any(is_dtensor(g) for g in grad_inputs),
             policy=None if mon.policy is None else (mon.policy.kind, tuple(mon.policy.params)),
             agc=None if mon.agc is None else (mon.agc.clipping, mon.agc.eps), parts=mon.per_param,
-            **_shard_spec(grad_inputs))
+            norm_dtype=_norm_dtype(grad_inputs), **_shard_spec(grad_inputs))
         if self.spec.dtensor and mon.per_param:
             raise NotImplementedError(
                 "compileclip: per_param_norms=True is not supported in a compiled step over DTensor "
@@ -217,13 +224,14 @@ class _Variants:
         """The runtime inputs' example values, in the graph's order (their names are the
         ``clipmath.step_clip`` keys)."""
         f32 = torch.zeros((), dtype=torch.float32, device=self.device)
-        ex = {"max_norm": f32, "enabled": torch.ones((), dtype=torch.bool, device=self.device)}
+        norm = torch.zeros((), dtype=self.spec.norm_dtype, device=self.device)  # max_norm and the norm
+        ex = {"max_norm": norm, "enabled": torch.ones((), dtype=torch.bool, device=self.device)}
         if self.spec.clip_value:
             ex["clip_value"] = f32
         if self.spec.unscale:
             ex["scale"] = f32
         if given:
-            ex["total_norm"] = f32
+            ex["total_norm"] = norm
         if self.policy is not None:
             ex["state"] = list(self.state)
         return ex

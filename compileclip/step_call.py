@@ -39,7 +39,7 @@ class ClippedStep:
         values = self._consts.get(clip)
         if values is None:
             rt, dev = self.runtime, self.device
-            values = {"max_norm": rt.max_norm_on(dev), "enabled": rt.const(("enabled", clip), clip, torch.bool, dev),
+            values = {"max_norm": rt.max_norm_on(dev, self.variants.spec.norm_dtype), "enabled": rt.const(("enabled", clip), clip, torch.bool, dev),
                       "clip_value": rt.const("value", rt.config.clip_value, torch.float32, dev)
                       if rt.config.clip_value is not None else None}
             if not isinstance(rt.config.max_norm, torch.Tensor):
@@ -65,7 +65,8 @@ class ClippedStep:
         if not clip and given not in self.variants.compiled and self.variants.compiled and not self.variants.guarded:
             # a step that does not clip (clipped at the pre-hook) runs whichever variant exists
             given = next(iter(self.variants.compiled))
-            handed = rt.const("zero", 0.0, torch.float32, dev) if given else None
+            dtype = self.variants.spec.norm_dtype
+            handed = rt.const(("zero", dtype), 0.0, dtype, dev) if given else None
         tail = self._tails.get((clip, given)) if scale is None else None
         if tail is not None:  # the usual step: constants, then the handed norm (if any)
             full = [*args, *tail, handed] if given else [*args, *tail]

@@ -1,0 +1,68 @@
+"""float64 and complex parameters: eager ``clip_grad_norm_`` takes their norms in float64 (the
+real dtype of a complex gradient) and returns a float64 total for float64 gradients, and so does
+the clip (``ops.norm_dtype``). Model compiled with the clip (eager step) and ``compile_step``,
+against eager with the model through plain ``torch.compile`` (the control of Inductor's own
+rounding), the clip active and inactive, several steps (``harness.py``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from harness import ACTIVE, INACTIVE, compare_with_eager, isolated, step_compiled  # noqa: F401
+
+
+@pytest.fixture(params=[ACTIVE, INACTIVE], ids=["active", "inactive"])
+def max_norm(request):
+    return request.param
+
+
+def loop(models, opts, clip, steps, i):
+    (model,), (opt,), (step,) = models, opts, steps
+    dtype = next(model.parameters()).dtype
+    opt.zero_grad(set_to_none=True)
+    model(torch.randn(6, 8, dtype=torch.float64 if dtype == torch.float64 else torch.float32)).square().mean().backward()
+    step()
+
+
+def mlp64():
+    return [nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).double()]
+
+
+def mixed():
+    """A float32 trunk and a float64 head: eager stacks float32 and float64 norms (float64)."""
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk, self.head = nn.Linear(8, 16), nn.Linear(16, 4).double()
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.trunk(x)).double())
+    return [Mixed()]
+
+
+class Complex(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8, dtype=torch.complex64))
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.out((x.to(torch.complex64) @ self.w).abs())
+
+
+def sgd(models):
+    return [torch.optim.SGD(models[0].parameters(), lr=0.1, momentum=0.9)]
+
+
+@pytest.mark.parametrize("make", [mlp64, mixed, lambda: [Complex()]], ids=["float64", "float32_and_float64", "complex64"])
+def test_model_compiled_with_the_clip(max_norm, make):
+    compare_with_eager(loop, make, sgd, max_norm=max_norm, reference_compile={}, tol="bitwise")
+
+
+@pytest.mark.parametrize("make", [mlp64, mixed], ids=["float64", "float32_and_float64"])
+def test_compiled_step(max_norm, make):
+    # the compiled SGD update against eager's: plain torch.compile(opt.step) differs from the
+    # eager step by up to 2.8e-17 on float64 (measured), inside assert_close's float64 tolerance
+    compare_with_eager(loop, make, sgd, step_compiled(compile_model=True), max_norm=max_norm, reference_compile={})
