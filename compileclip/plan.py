@@ -89,6 +89,7 @@ class StepFacts(typing.NamedTuple):
     skip_nonfinite: bool = False
     error_if_nonfinite: bool = False
     fused_kernel: bool = False  # the step unscales by opt.grad_scale in its kernel (fused=True)
+    float64: bool = False  # fused_kernel, and a gradient is float64 (its grad_scale is float32)
     scale_only: bool = True  # the clip is a scale by the norm's coefficient (no AGC, no clip_value)
     optimizer: str = "the optimizer"  # for messages
     scope: str = ""  # the modules of the group, for messages
@@ -155,8 +156,10 @@ def plan_step(f: StepFacts) -> StepPlan:
             return StepPlan(Action.IN_GRAPH, use_backward=use_backward, hand_norm=True)
     # a fused kernel divides by opt.grad_scale: the coefficient costs no pass of its own where
     # the step's optimizer alone consumes the group's gradients (a later step of the group
-    # would find them unclipped until the kernel ran) and nothing follows the scale
-    fold = f.fuse and f.fused_kernel and f.group_is_step and f.scale_only and f.computes_norm and not f.dtensor
+    # would find them unclipped until the kernel ran) and nothing follows the scale; not for
+    # float64 gradients: the kernel's grad_scale is float32, 1e-8 off eager's float64 coefficient
+    fold = (f.fuse and f.fused_kernel and f.group_is_step and f.scale_only and f.computes_norm and not f.dtensor
+            and not f.float64)
     # ... and skips the update where found_inf is set, so skip_nonfinite needs no host read
     kernel_skip = fold and f.skip_nonfinite and unscale is not Unscale.SCALER
     return StepPlan(Action.EAGER, use_backward=use_backward, unscale=unscale,

@@ -35,6 +35,7 @@ from .scope import Group, Scope
 
 _is_sparse = operator.attrgetter("is_sparse")
 _STAT = {a: f"step_{a.value}" for a in Action}  # the counter of each action
+_FLOAT64 = (torch.float64, torch.complex128)
 
 
 def _may_nest(outer, opt) -> bool:
@@ -123,8 +124,7 @@ class ClipRuntime:
         return t
 
     def max_norm_on(self, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``max_norm`` as a 0-d tensor in the total norm's dtype (float64: eager's Python float
-        multiplies a float64 norm unrounded)."""
+        """``max_norm`` as a 0-d tensor in the total norm's dtype (float64 ones: unrounded)."""
         mn = self.config.max_norm
         if mn is None or isinstance(mn, POLICIES):
             return self.const("inf", math.inf, torch.float32, device)  # not read
@@ -287,7 +287,7 @@ class ClipRuntime:
         sources = resolve(self.usable_runs(), params, grads, ids) if self.runs and params else None
         ready = opt in self.graph_ready
         closure = (args[1] if len(args) > 1 else kwargs.get("closure")) is not None
-        stage = None
+        stage, fused = None, eager.fused_kernel(opt)
         if self.scaler is not None:
             stage = self.scaler._per_optimizer_states[id(opt)]["stage"].name
         return StepFacts(
@@ -305,7 +305,7 @@ class ClipRuntime:
             backward_covers_step=compiled_frame and ready and sources is not None and sources.covered,
             scaler_stage=stage, grad_scale_set=getattr(opt, "grad_scale", None) is not None,
             skip_nonfinite=cfg.skip_nonfinite, error_if_nonfinite=cfg.error_if_nonfinite,
-            fused_kernel=eager.fused_kernel(opt),
+            fused_kernel=fused, float64=fused and any(g.dtype in _FLOAT64 for g in grads),
             scale_only=cfg.max_norm is not None and cfg.clip_value is None and self.monitor(group).agc is None,
             optimizer=type(opt).__name__,
             scope=self.scope.describe(group.units) if clipped is Clipped.MIXED else "",  # for its message

@@ -66,3 +66,12 @@ def test_compiled_step(max_norm, make):
     # the compiled SGD update against eager's: plain torch.compile(opt.step) differs from the
     # eager step by up to 2.8e-17 on float64 (measured), inside assert_close's float64 tolerance
     compare_with_eager(loop, make, sgd, step_compiled(compile_model=True), max_norm=max_norm, reference_compile={})
+
+
+def test_fused_optimizer(max_norm):
+    # a fused kernel's grad_scale is float32: folding the coefficient into it would be 1e-8 off
+    # eager's float64 coefficient, so float64 gradients are scaled as eager scales them
+    def fused(models):
+        return [torch.optim.AdamW(models[0].parameters(), lr=1e-2, fused=True)]
+    side = compare_with_eager(loop, mlp64, fused, max_norm=max_norm, reference_compile={}, tol="bitwise")
+    assert side.clip.stats.get("scale_folded", 0) == 0 and side.clip.stats["step_eager"] > 0
