@@ -46,12 +46,12 @@ def eager_order(grads: Sequence[torch.Tensor]) -> list[int] | None:
     return [i for _, (_, idx) in grouped.items() for i in idx]
 
 
-def step_groups(grads: Sequence[torch.Tensor], dtensor: bool) -> list[list[int]]:
-    """The positions of a compiled step's gradients per (device, dtype) (their local shards for
-    ``dtensor``): in order of first appearance, or for DTensors in the order eager
-    ``get_total_norm`` stacks them (``shards_total`` stacks the pieces group after group)."""
+def step_groups(grads: Sequence[torch.Tensor]) -> list[list[int]]:
+    """The positions of a compiled step's gradients (of DTensors, their local shards) per
+    (device, dtype), in the order eager ``get_total_norm`` stacks their norms: ``step_clip`` and
+    ``shards_total`` stack the norms group after group."""
     groups = group_positions(grads)
-    order = eager_order(grads) if dtensor else None
+    order = eager_order(grads)
     if order is None:
         return groups
     rank = {i: k for k, i in enumerate(order)}
@@ -245,10 +245,10 @@ def step_clip(grads: list, inp: dict, spec: StepClipSpec, params: list | None = 
             tot = dtensor_total(clipped, spec.norm_type)
         else:
             both = [ops.NORMS_AND_TOTAL([grads[i] for i in pos], float(spec.norm_type), inv) for pos in spec.groups]
-            if len(both) == 1:
+            if len(both) == 1:  # the common case
                 tot = both[0][1]
-            else:  # the group totals combined (one group is the common case)
-                tot = total(torch.stack([b[1].to(spec.device) for b in both]), spec.norm_type)
+            else:  # every gradient's norm, stacked in eager's order (``step_groups``), promoted
+                tot = total(torch.cat([b[0].to(spec.device) for b in both]), spec.norm_type)
             if spec.parts:
                 out["param_norms"] = stitch([b[0] for b in both], [i for pos in spec.groups for i in pos], spec.device)
         out["total_norm"] = tot

@@ -171,8 +171,7 @@ def _shard_spec(grad_inputs) -> dict:
 
 def _groups(grad_inputs) -> list[list[int]]:
     """The gradients' positions per (device, dtype) (``clipmath.step_groups``)."""
-    dtensor = any(is_dtensor(g) for g in grad_inputs)
-    return clipmath.step_groups([g.to_local() for g in grad_inputs] if dtensor else grad_inputs, dtensor)
+    return clipmath.step_groups([g.to_local() if is_dtensor(g) else g for g in grad_inputs])
 
 
 def _norm_dtype(grad_inputs) -> torch.dtype:

@@ -75,3 +75,25 @@ def test_fused_optimizer(max_norm):
         return [torch.optim.AdamW(models[0].parameters(), lr=1e-2, fused=True)]
     side = compare_with_eager(loop, mlp64, fused, max_norm=max_norm, reference_compile={}, tol="bitwise")
     assert side.clip.stats.get("scale_folded", 0) == 0 and side.clip.stats["step_eager"] > 0
+
+
+def test_compiled_step_total_of_mixed_dtypes_is_eagers():
+    """An eager model and ``compile_step``: the step graph takes the norm of float32 and float64
+    gradients itself, every gradient's norm stacked in eager's order (``clipmath.step_groups``),
+    so its total is eager's ``clip_grad_norm_`` bit for bit (not a norm of per-group totals)."""
+    from harness import new_clip
+
+    for max_norm in (ACTIVE, INACTIVE):
+        torch.manual_seed(0)
+        (model,) = mixed()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        clip = new_clip(max_norm=max_norm)
+        step = clip.compile_step(opt)
+        for i in range(4):
+            opt.zero_grad(set_to_none=True)
+            model(torch.randn(6, 8)).square().mean().mul(1e3).backward()
+            ref = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()], 2.0)
+            step()
+            if i > 0:  # the first step clips eagerly, before the graph is compiled
+                assert clip.stats["step_in_graph"] >= i
+            assert clip.total_norm.dtype == torch.float64 and torch.equal(clip.total_norm, ref), (i, clip.total_norm, ref)

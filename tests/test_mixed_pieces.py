@@ -63,15 +63,16 @@ def test_a_changed_gradient_breaks_the_fast_path():
     assert found.each == ((0, 0), None)
 
 
-def test_dtensor_step_groups_stack_in_eager_order():
-    """A compiled DTensor step's (device, dtype) groups (``clipmath.step_groups``, which
-    ``step._groups`` takes for the local shards) come in the order eager ``get_total_norm``
-    stacks its norms; ``clipmath.shards_total`` stacks the pieces group after group. Checked
-    with eager's own arithmetic: the total of the norms stacked in that group order equals
-    eager's bit for bit, over seeds where the first-appearance order does not (found by
-    review). The compiled step's norms are float32 (``compileclip::grad_norms``) where eager's
-    are in each gradient's dtype, so with bf16 gradients its total is within a plain compiled
-    step's tolerance, not bitwise; the order is what this pins."""
+def test_step_groups_stack_in_eager_order():
+    """A compiled step's (device, dtype) groups (``clipmath.step_groups``, which
+    ``step._groups`` takes, for DTensors of the local shards) come in the order eager
+    ``get_total_norm`` stacks its norms; ``clipmath.step_clip`` and ``shards_total`` stack the
+    norms group after group. Checked with eager's own arithmetic: the total of the norms
+    stacked in that group order equals eager's bit for bit, over seeds where the
+    first-appearance order does not (found by review). The compiled step's norms of bf16
+    gradients are float32 (``compileclip::grad_norms``) where eager's are bf16, so with bf16
+    gradients its total is within a plain compiled step's tolerance, not bitwise; the order is
+    what this pins (``test_float64.py`` checks float32 with float64 gradients bitwise)."""
     from compileclip import clipmath
 
     differs = 0
@@ -81,9 +82,8 @@ def test_dtensor_step_groups_stack_in_eager_order():
         grads = [(torch.randn(int(torch.randint(1, 40, ())), dtype=torch.float64) * 10 ** torch.randn(())).to(d)
                  for d in dtypes]
         eager_total = torch.nn.utils.get_total_norm(grads, 2.0)
-        first = clipmath.step_groups(grads, dtensor=False)
-        ordered = clipmath.step_groups(grads, dtensor=True)
-        assert first == clipmath.group_positions(grads)
+        first = clipmath.group_positions(grads)
+        ordered = clipmath.step_groups(grads)
 
         def total(groups):
             norms = [n for pos in groups for n in torch._foreach_norm([grads[i] for i in pos], 2.0)]
