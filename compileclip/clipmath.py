@@ -183,9 +183,9 @@ def shards_total(grads: Sequence, spec: StepClipSpec):
         if math.isinf(p):
             stacked = torch.ops._c10d_functional.wait_tensor(torch.ops._c10d_functional.all_reduce(stacked, "max", name))
         else:
-            summed = torch.ops._c10d_functional.all_reduce(stacked ** p, "sum", name)
-            stacked = torch.ops._c10d_functional.wait_tensor(summed) ** (1.0 / p)
-    tot = torch.linalg.vector_norm(stacked, p)
+            summed = torch.ops._c10d_functional.all_reduce(ops.POWER(stacked, p), "sum", name)
+            stacked = ops.POWER(torch.ops._c10d_functional.wait_tensor(summed), 1.0 / p)
+    tot = ops.TOTAL(stacked, p)
     if isinstance(tot, torch.fx.Proxy):  # traced: one node that makes the DTensor
         return tot.tracer.create_proxy("call_function", spec.replicate, (tot,), {})
     return spec.replicate(tot)
@@ -248,7 +248,7 @@ def step_clip(grads: list, inp: dict, spec: StepClipSpec, params: list | None = 
             if len(both) == 1:  # the common case
                 tot = both[0][1]
             else:  # every gradient's norm, stacked in eager's order (``step_groups``), promoted
-                tot = total(torch.cat([b[0].to(spec.device) for b in both]), spec.norm_type)
+                tot = ops.TOTAL(torch.cat([b[0].to(spec.device) for b in both]), float(spec.norm_type))
             if spec.parts:
                 out["param_norms"] = stitch([b[0] for b in both], [i for pos in spec.groups for i in pos], spec.device)
         out["total_norm"] = tot
