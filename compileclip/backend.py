@@ -20,6 +20,7 @@ from . import ddp, hooks
 from .backward import norm_in_backward
 from .compiling import compile_graph, inductor_patches
 from .config import ClipConfig
+from .instances import GraphLeaves, WatchedForward
 from .runtime import ClipRuntime
 from .scope import is_wrapper
 from .step import compile_step_graph, is_fused, is_step_graph
@@ -310,6 +311,7 @@ class ClipBackend:
                     if isinstance(t, torch.Tensor) and t.requires_grad and t.is_leaf}
         rt.scope.add_graph(mods, leaf_idx.values())
         rt.graph_compiled()
+        leaves = GraphLeaves(rt, leaf_idx)  # and those of the other modules this graph will run for
         rewrite = None
         under_ddp = ddp.active_ddp()
         if under_ddp is not None:
@@ -320,8 +322,9 @@ class ClipBackend:
         elif leaf_idx and self.config.fuse and (self.config.computes_norm or rt.scaler is not None):
             # no reference to self: AOTAutograd may keep this past torch._dynamo.reset(), and a
             # live ClipBackend hears every optimizer step (a bare runtime hears none)
-            rewrite = functools.partial(norm_in_backward, rt, leaf_idx, patches=patches)
-        return compile_graph(self.config.inner, gm, example_inputs, backward_rewrite=rewrite, config_patches=patches)
+            rewrite = functools.partial(norm_in_backward, rt, leaf_idx, leaves, patches=patches)
+        compiled = compile_graph(self.config.inner, gm, example_inputs, backward_rewrite=rewrite, config_patches=patches)
+        return WatchedForward(compiled, leaves) if leaves.idx else compiled
 
 
 def clip_backend(

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from . import clipmath, identity
+from . import clipmath, identity, instances
+from .instances import GraphLeaves
 from .passes import GraphSignature, insert_grad_norm, output_values
 from .runtime import ClipRuntime
 
@@ -37,7 +38,8 @@ def grad_outputs(gm: fx.GraphModule, leaf_idx: dict[int, Any]) -> list[tuple[int
     return pairs
 
 
-def norm_in_backward(rt: ClipRuntime, leaf_idx: dict[int, Any], gm: fx.GraphModule, example_inputs, *, patches):
+def norm_in_backward(rt: ClipRuntime, leaf_idx: dict[int, Any], leaves: GraphLeaves, gm: fx.GraphModule,
+                     example_inputs, *, patches):
     """A ``compiling.compile_graph`` backward rewrite: the norms, and a recording wrapper."""
     positions = grad_outputs(gm, leaf_idx)
     if not positions:
@@ -64,7 +66,7 @@ def norm_in_backward(rt: ClipRuntime, leaf_idx: dict[int, Any], gm: fx.GraphModu
     cudagraphs = bool(patches.get("triton.cudagraphs", False))
 
     def wrap(compiled):
-        return NormRecordingBackward(compiled, rt, sig, device, order, leaf_idx, cudagraphs)
+        return NormRecordingBackward(compiled, rt, sig, device, order, leaf_idx, leaves, cudagraphs)
 
     return [*example_inputs, *extra], wrap
 
@@ -74,14 +76,16 @@ class NormRecordingBackward:
     strips the norms it returns and records them with the gradients they cover."""
 
     def __init__(self, compiled, runtime: ClipRuntime, sig: GraphSignature, device, order, leaf_idx,
-                 cudagraphs: bool) -> None:
+                 leaves: GraphLeaves, cudagraphs: bool) -> None:
         self._boxed_call = True  # an instance attribute: AOTAutograd copies __dict__
         self.compiled = compiled
         self.runtime = runtime
         self.sig = sig
         self.device = device
         self.positions = [pos for pos, _ in order]  # output position of each norm's gradient
-        self.params = tuple(weakref.ref(leaf_idx[idx]) for _, idx in order)
+        self.params = tuple(weakref.ref(leaf_idx[idx]) for _, idx in order)  # at compile time
+        self.inputs = tuple(idx for _, idx in order)  # the Dynamo input index of each
+        self.leaves = leaves
         self.cudagraphs = cudagraphs
 
     def __call__(self, args: list[Any]) -> Any:
@@ -96,13 +100,17 @@ class NormRecordingBackward:
         if self.cudagraphs:  # the next replay overwrites them
             pieces = [t.clone() for t in pieces]
         grads = [outs[pos] for pos in self.positions]
+        params = self.params
+        run = instances.run_leaves() if self.leaves.multi else None
+        if run is not None:  # the graph ran with another module's parameters (``instances.py``)
+            params = tuple(run.get(i, r) for i, r in zip(self.inputs, params))
         if identity.has_none(grads):  # a leaf that got no gradient this time
             keep = [g is not None for g in grads]
             mixed = len(pieces) > 1  # one piece now, of several devices or dtypes
             flat = torch.cat([p.to(pieces[0].device) for p in pieces]) if mixed else pieces[0]
             pieces = [flat[torch.tensor([i for i, k in enumerate(keep) if k], device=flat.device)]]
-            rt.record_run(pieces, tuple(r for r, k in zip(self.params, keep) if k), [g for g in grads if g is not None],
+            rt.record_run(pieces, tuple(r for r, k in zip(params, keep) if k), [g for g in grads if g is not None],
                           mixed=mixed)
         else:
-            rt.record_run(pieces, self.params, grads)
+            rt.record_run(pieces, params, grads)
         return outs

@@ -26,6 +26,7 @@ import torch
 _scanned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # opt -> ids of the clips scanned for
 _searched: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # runtime -> scope version searched at
 _completed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # runtime -> {id(group key): version checked}
+_modules: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # runtime -> its compiled modules, last scan
 _LINKS = ("dynamo_ctx", "callback", "_torchdynamo_orig_backend", "_inner_convert", "compiler_fn")
 
 
@@ -48,6 +49,27 @@ def find_modules(clips, opt) -> bool:
             clip._runtime.scope.add_graph([mod], [])
             found = True
     return found
+
+
+def modules_holding(rt, leaves) -> list[torch.nn.Module]:
+    """The modules compiled with ``rt``'s clip that hold any of ``leaves`` (``instances.py``:
+    a graph runs with another module's parameters). From the modules of the last scan, else a
+    scan (once per module: regional compilation's blocks are all found by the first)."""
+    from . import hooks
+
+    ids = {id(t) for t in leaves}
+    cached = _modules.get(rt)
+    for scan in (False, True):
+        if scan:
+            clips = {id(c): c for c in list(hooks._clips) if c._runtime is rt}
+            with warnings.catch_warnings():  # touching every object wakes deprecated ones
+                warnings.simplefilter("ignore")
+                cached = [weakref.ref(m) for m, _ in _wrapped_modules(clips)] if clips else []
+            _modules[rt] = cached
+        found = [m for m in (r() for r in cached or ()) if m is not None and any(id(p) in ids for p in m.parameters())]
+        if found:
+            return found
+    return []
 
 
 def _wrapped_modules(clips: dict):
