@@ -13,8 +13,8 @@ parameters each run of the graph brings:
   (``backward.NormRecordingBackward``), which records the norms for the parameters of the run
   that made them, not for the first module's.
 
-A run with the compile-time parameters (the usual case) costs one comparison of their ids and
-one weak reference; nothing is tagged.
+A run with the compile-time parameters (the usual case) costs two weak references (its first
+and last parameters: 0.1 us, whatever their number); nothing is tagged.
 """
 
 from __future__ import annotations
