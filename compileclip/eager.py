@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import clipmath, identity, records, shards
-from .plan import Action, Unscale
+from .plan import Action, Clipped, Unscale
 
 if TYPE_CHECKING:
     from .runtime import ClipRuntime, OpenStep
@@ -114,6 +114,12 @@ def _wrap_closure(rt, step, opt, args, kwargs):
     @torch._dynamo.disable  # a compiled step traces its closure: the clip stays eager
     def clip_now():
         step.params = step.grads = step.sources = None  # the closure's backward made new gradients
+        marks = rt.marks.get(id(step.group.key))
+        if rt.clipped_state(opt, identity.step_params(opt), marks)[0] is Clipped.ALL:
+            # it made none (Lightning's manual optimization: a no-op closure, the backward before
+            # the step): the group's gradients are those an earlier step of this backward clipped
+            marks.consumers.add(id(opt))
+            return
         clip_group(rt, step, opt)
 
     def clipped_closure():

@@ -280,7 +280,7 @@ class ClipRuntime:
         cfg = self.config
         params, grads = identity.with_grads(group.params)
         own = params if group.is_exactly(opt) else identity.step_params(opt)
-        clipped, grew = self._clipped_state(opt, own, self.marks.get(id(group.key)))
+        clipped, grew = self.clipped_state(opt, own, self.marks.get(id(group.key)))
         # the records, checked once for the step (the plan asks whether they cover it, the clip
         # then takes their norms)
         ids = group.ids if len(params) == len(group.params) else None  # (all have a .grad)
@@ -312,7 +312,7 @@ class ClipRuntime:
         ), (params, grads), sources
 
     @staticmethod
-    def _clipped_state(opt, own: list, marks: Marks | None) -> tuple[Clipped, bool]:
+    def clipped_state(opt, own: list, marks: Marks | None) -> tuple[Clipped, bool]:
         if marks is None or not own or id(opt) in marks.consumers:  # a second step: not this backward's
             return Clipped.NONE, False
         same = identity.tagged(list(map(marks.grads.get, map(id, own))), identity.grads(own))

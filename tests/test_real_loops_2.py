@@ -55,6 +55,30 @@ def test_closure_step(max_norm):
                        max_norm=max_norm, **AOT)
 
 
+def test_two_optimizers_with_closures_that_run_no_backward(max_norm):
+    """Lightning's manual optimization with two optimizers over one model: the backward before
+    the steps, then ``opt.step(closure)`` for each with a closure that runs no backward. Eager
+    clips the group once, before the first step; the second step's closure must not clip the
+    clipped gradients again (it did: the second optimizer's gradients scaled twice, and
+    ``total_norm`` the post-clip norm, found by a user-style script)."""
+    def opts(ms):
+        ps = list(ms[0].parameters())
+        return [torch.optim.SGD(ps[:2], lr=0.1, momentum=0.9), torch.optim.AdamW(ps[2:], lr=1e-2)]
+
+    def loop(models_, opts_, clip, steps, i):
+        (model,) = models_
+        x, y = batch()
+        for o in opts_:
+            o.zero_grad(set_to_none=True)
+        F.mse_loss(model(x), y).backward()
+        if clip is None:
+            steps[0].clip_grads([p for o in opts_ for g in o.param_groups for p in g["params"]])
+        for s in steps:
+            s.raw(lambda: None)
+
+    compare_with_eager(loop, lambda: [models.mlp()], opts, max_norm=max_norm, **AOT)
+
+
 # -- 11. GradScaler ----------------------------------------------------------------------------
 
 
