@@ -28,9 +28,11 @@ from .step_call import CompiledStep
 
 
 def _frame_modules() -> list[torch.nn.Module]:
-    """The modules in the locals of the frame Dynamo is compiling (``self``, or the module a
-    wrapper closes over): their parameters are what ``clip_grad_norm_(model.parameters())``
-    clips, including those of submodules Dynamo leaves out of the graph."""
+    """The modules in the locals of the frame Dynamo is compiling (``self``, the module a
+    wrapper closes over, or ``args[0]`` of a decorator's ``wrapper(*args, **kwargs)``, such as
+    transformers' ``deprecate_kwarg`` around ``forward``): their parameters are what
+    ``clip_grad_norm_(model.parameters())`` clips, including those of submodules Dynamo leaves
+    out of the graph, in that order."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
@@ -39,10 +41,11 @@ def _frame_modules() -> list[torch.nn.Module]:
         return []
     mods = []
     for v in f_locals.values():
-        if isinstance(v, torch._dynamo.eval_frame.OptimizedModule):
-            v = v._orig_mod
-        if isinstance(v, torch.nn.Module):
-            mods.append(v)
+        for m in v if isinstance(v, tuple) else (v,):
+            if isinstance(m, torch._dynamo.eval_frame.OptimizedModule):
+                m = m._orig_mod
+            if isinstance(m, torch.nn.Module) and not any(m is k for k in mods):
+                mods.append(m)
     return mods
 
 
