@@ -9,9 +9,10 @@ when an optimizer it does not know steps right after one of its backwards, and b
 clip when some of its leaves are held by none of its known optimizers (``complete_group``).
 
 Bounded: a scan runs only when an optimizer that no clip claims steps while a clip that has
-compiled nothing lives (at most once per such optimizer and set of those clips), or when a clip
-cannot tell its groups' optimizers (at most once per change of its scope: its first steps, and
-after a recompile). Measured in ``bench/scope_overhead.py``. Nothing else on the step path looks
+compiled nothing lives (at most once per such optimizer and set of those clips), when a clip
+cannot tell its groups' optimizers or the model around a group of several units (at most once
+per change of its scope: its first steps, and after a recompile), or when a graph runs for a
+module of the same class it has not seen (``modules_holding``: once for all). Measured in ``bench/scope_overhead.py``. Nothing else on the step path looks
 at the heap.
 """
 
@@ -70,6 +71,27 @@ def modules_holding(rt, leaves) -> list[torch.nn.Module]:
         if found:
             return found
     return []
+
+
+def enclosing_module(params) -> torch.nn.Module | None:
+    """The module with the fewest parameters that holds all of ``params`` (the model around
+    regionally compiled blocks), from a scan of the heap; None if no module does."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    ids = {id(p) for p in params}
+    best = None
+    with warnings.catch_warnings():  # touching every object wakes deprecated ones
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            try:
+                if not isinstance(obj, torch.nn.Module) or isinstance(obj, OptimizedModule):
+                    continue
+            except ReferenceError:  # a weak proxy whose object is gone
+                continue
+            held = [id(p) for p in obj.parameters()]
+            if len(held) >= len(ids) and (best is None or len(held) < best[0]) and ids.issubset(held):
+                best = (len(held), obj)
+    return best[1] if best is not None else None
 
 
 def _wrapped_modules(clips: dict):

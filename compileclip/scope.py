@@ -13,7 +13,8 @@ those units, their parameters, and so on until nothing is added. A loop with the
 eager code that calls ``clip_grad_norm_(group, max_norm)`` once, right before the first step of
 the group's optimizers that consumes the gradients. The group's order is eager's
 ``model.parameters()``: the units' module parameters first, then the other leaves, then the
-optimizers' parameters.
+optimizers' parameters; a group that no one compiled module holds (regional compilation) in
+the order of the module around it.
 
 ``attach(opt, parameters)`` names a group as eager code does: ``parameters`` are clipped before
 ``opt``'s steps (an empty list: its steps are not clipped); ``attach(opt)`` makes ``opt`` known
@@ -116,6 +117,19 @@ def layout(opt) -> tuple:
     place or replaced): each param group's list and its length. A parameter swapped for another
     at the same position of the same list goes unnoticed."""
     return tuple((id(g["params"]), len(g["params"])) for g in opt.param_groups)
+
+
+def _in_model_order(params: list) -> None:
+    """Sort a group that no one compiled module holds (regional compilation's blocks with the
+    embedding and head) in the order of the module around it: eager's
+    ``clip_grad_norm_(model.parameters())`` stacks the norms so (the total's last bits depend on
+    it). Found once per change of the scope (``discover.enclosing_module``)."""
+    from . import discover
+
+    model = discover.enclosing_module(params)
+    if model is not None:
+        pos = {id(p): k for k, p in enumerate(model.parameters())}
+        params.sort(key=lambda p: pos.get(id(p), len(pos)))
 
 
 class Scope:
@@ -255,6 +269,8 @@ class Scope:
             if id(p) not in seen:
                 seen.add(id(p))
                 params.append(p)
+        if len(units) > 1 or (units and not seen <= {id(p) for m in units[0].live_modules() for p in m.parameters()}):
+            _in_model_order(params)
         return Group(tuple(params), tuple(opts), opts[0], False, tuple(units))
 
     def describe(self, units: Iterable[Unit] | None = None) -> str:
