@@ -33,7 +33,9 @@ class GraphLeaves:
     and those its runs bring."""
 
     def __init__(self, rt, leaf_idx: dict[int, torch.Tensor]) -> None:
-        self.rt = rt
+        # weakly: Dynamo and AOTAutograd may keep a compiled forward past torch._dynamo.reset(),
+        # and a runtime kept alive keeps its DDP hook from the next clip of a sweep
+        self.rt = weakref.ref(rt)
         # plain tensors that require grad (an input, FGSM) change every run: not a module's
         self.idx = tuple(i for i, t in leaf_idx.items() if isinstance(t, torch.nn.Parameter))
         # a module is told by its first and last parameters (the same cost for any number;
@@ -64,7 +66,9 @@ class GraphLeaves:
         from . import discover
 
         self.multi = True
-        self.rt.scope.add_graph(discover.modules_holding(self.rt, got), got)
+        rt = self.rt()
+        if rt is not None:
+            rt.scope.add_graph(discover.modules_holding(rt, got), got)
         return dict(zip(self.idx, map(weakref.ref, got)))
 
 
