@@ -189,6 +189,22 @@ def step_compiled(compile_model: bool, direct: bool = False, **compile_kwargs):
     return setup
 
 
+def group_loop(batch: Callable, step_args: tuple = ()):
+    """A loop of one model stepped by several optimizers (one group): one backward, then each
+    optimizer's ``step(*step_args)``; eager clips the group once, before the first step."""
+    def loop(models, opts, clip, steps, i):
+        (model,) = models
+        x, y = batch()
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        if clip is None:
+            steps[0].clip_grads([p for o in opts for g in o.param_groups for p in g["params"]])
+        for s in steps:
+            s.raw(*step_args)
+    return loop
+
+
 # -- the harness ---------------------------------------------------------------------------------
 
 

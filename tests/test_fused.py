@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import models
-from harness import ACTIVE, INACTIVE, compare_with_eager, isolated, new_clip, stats  # noqa: F401
+from harness import ACTIVE, INACTIVE, compare_with_eager, group_loop, isolated, new_clip, stats  # noqa: F401
 from test_policies import train
 
 AOT = {"inner": "aot_eager"}
@@ -105,21 +105,7 @@ def test_fused_two_optimizers_no_fold(max_norm):
         return [torch.optim.AdamW([p for p in ps if p.ndim == 2], lr=1e-2, fused=True),
                 torch.optim.SGD([p for p in ps if p.ndim != 2], lr=0.1, fused=True)]
 
-    def loop(models_, opts_, clip, steps, i):
-        (model,) = models_
-        x, y = batch()
-        for o in opts_:
-            o.zero_grad(set_to_none=True)
-        F.mse_loss(model(x), y).backward()
-        if clip is None:
-            steps[0].clip_grads([p for o in opts_ for g in o.param_groups for p in g["params"]])
-            for s in steps:
-                s.raw()
-        else:
-            for s in steps:
-                s()
-
-    side = compare_with_eager(loop, lambda: [models.mlp()], opts, max_norm=max_norm, iterations=3, **AOT)
+    side = compare_with_eager(group_loop(batch), lambda: [models.mlp()], opts, max_norm=max_norm, iterations=3, **AOT)
     assert "scale_folded" not in stats(side.clip)
 
 

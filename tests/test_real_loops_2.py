@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import models
 from harness import (ACTIVE, EagerClip, INACTIVE, compare, compare_with_eager, compiled_side, eager_side, isolated,  # noqa: F401
-                   per_opt, train, whole_model)
+                   group_loop, per_opt, train, whole_model)
 
 AOT = {"inner": "aot_eager"}
 
@@ -65,18 +65,7 @@ def test_two_optimizers_with_closures_that_run_no_backward(max_norm):
         ps = list(ms[0].parameters())
         return [torch.optim.SGD(ps[:2], lr=0.1, momentum=0.9), torch.optim.AdamW(ps[2:], lr=1e-2)]
 
-    def loop(models_, opts_, clip, steps, i):
-        (model,) = models_
-        x, y = batch()
-        for o in opts_:
-            o.zero_grad(set_to_none=True)
-        F.mse_loss(model(x), y).backward()
-        if clip is None:
-            steps[0].clip_grads([p for o in opts_ for g in o.param_groups for p in g["params"]])
-        for s in steps:
-            s.raw(lambda: None)
-
-    compare_with_eager(loop, lambda: [models.mlp()], opts, max_norm=max_norm, **AOT)
+    compare_with_eager(group_loop(batch, (lambda: None,)), lambda: [models.mlp()], opts, max_norm=max_norm, **AOT)
 
 
 # -- 11. GradScaler ----------------------------------------------------------------------------
