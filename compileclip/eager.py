@@ -25,20 +25,16 @@ if TYPE_CHECKING:
     from .runtime import ClipRuntime, OpenStep
 
 
-def _dtensor_class():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a build without distributed
-        return ()
-    return DTensor
-
-
 _DTENSOR: list = []  # the class, looked up once (an import statement costs a microsecond a call)
 
 
 def is_dtensor(t) -> bool:
     if not _DTENSOR:
-        _DTENSOR.append(_dtensor_class())
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # a build without distributed
+            DTensor = ()
+        _DTENSOR.append(DTensor)
     return isinstance(t, _DTENSOR[0])
 
 

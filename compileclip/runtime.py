@@ -36,13 +36,6 @@ from .scope import Group, Scope
 _is_sparse = operator.attrgetter("is_sparse")
 _STAT = {a: f"step_{a.value}" for a in Action}  # the counter of each action
 _FLOAT64 = (torch.float64, torch.complex128)
-
-
-def _may_nest(outer, opt) -> bool:
-    """``opt``'s step can run inside ``outer``'s: alive, another optimizer, a wrapper."""
-    return outer is not None and outer is not opt and scope_mod.is_wrapper(outer)
-
-
 _MAX_RUNS = 256  # records kept between steps (a loop that never steps must not grow them)
 
 
@@ -234,8 +227,9 @@ class ClipRuntime:
     def begin_step(self, opt, args: tuple, kwargs: dict, compiled_frame: bool, scaler_called: bool | None = None):
         """Torch's step pre-hook, for a step of an optimizer this clip owns. Returns new
         (args, kwargs) when the step's closure is wrapped."""
-        if self.open is not None and not _may_nest(self.open.optimizer(), opt):
-            # an open step this one cannot nest in (only a wrapper's can hold another): it raised
+        outer = self.open.optimizer() if self.open is not None else None
+        if self.open is not None and not (outer is not None and outer is not opt and scope_mod.is_wrapper(outer)):
+            # an open step this one cannot nest in (only a live wrapper holds another): it raised
             # (no post-hook). Closed, or every later step would pass for a nested one, unclipped;
             # its optimizer's attributes restored (a fold's grad_scale); no marks (a later backward's)
             stale, self.open, self.nested = self.open, None, 0
