@@ -4,9 +4,8 @@
 eager's own arithmetic (``clipmath``) over the group's gradients: their norms from the backward
 graphs where the records prove them (``records.ordered_norms``) and computed here for the rest,
 stacked in the order eager's ``get_total_norm`` stacks them, so that the total norm, the
-coefficient and the clipped gradients are eager's bits. DTensor gradients (FSDP2, tensor
-parallel): their local shards' norms and one all-reduce (``shards.py``), or torch's own
-``get_total_norm`` where the shards do not give the norm.
+coefficient and the clipped gradients are eager's bits. DTensor gradients: their local shards'
+norms and one all-reduce (``shards.py``), else torch's own ``get_total_norm``.
 """
 
 from __future__ import annotations
